@@ -1,0 +1,7 @@
+//! sdn-tunnel core: pure functions from a snapshot of the world (local node,
+//! declared clusters, remote peers, services, `now`) to the desired state of
+//! the data path (peers, allowed IPs, routes, nftables elements, DNS records)
+//! and to the status the agent reports.
+//!
+//! Nothing here performs I/O or reads a clock: drivers in `agent/daemon`
+//! observe and apply, this crate decides.

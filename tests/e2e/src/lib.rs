@@ -1,0 +1,1 @@
+//! End-to-end checks of sdn-tunnel, run against the lab.

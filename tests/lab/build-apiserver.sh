@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver from Debian bookworm's `kubernetes` source package and
+# installs the lab's other prerequisites (etcd, openssl, iproute2, ...).
+#
+# Idempotent and cached by source version: the binary lands in
+#   ${SDN_TUNNEL_CACHE:-~/.cache/sdn-tunnel}/kube-apiserver-<debian version>/kube-apiserver
+# and a second run only prints its path. Prints the binary path on stdout's
+# last line.
+set -euo pipefail
+
+CACHE=${SDN_TUNNEL_CACHE:-$HOME/.cache/sdn-tunnel}
+log() { echo "build-apiserver: $*" >&2; }
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        log "must run as root (apt-get, network namespaces)"; exit 1
+    fi
+}
+
+enable_deb_src() {
+    # Debian's deb822 sources: add deb-src next to deb for every suite.
+    local f=/etc/apt/sources.list.d/debian.sources
+    if [ -f "$f" ] && ! grep -q '^Types:.*deb-src' "$f"; then
+        log "enabling deb-src in $f"
+        sed -i 's/^Types: deb$/Types: deb deb-src/' "$f"
+        APT_UPDATED=0
+    fi
+    if [ -f /etc/apt/sources.list ] && grep -q '^deb ' /etc/apt/sources.list \
+        && ! grep -q '^deb-src ' /etc/apt/sources.list; then
+        sed -n 's/^deb /deb-src /p' /etc/apt/sources.list >> /etc/apt/sources.list
+        APT_UPDATED=0
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$APT_UPDATED" = 0 ]; then apt-get update -qq >&2; APT_UPDATED=1; fi
+    log "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+need_root
+# Runtime prerequisites of the lab, needed even when the binary is cached.
+apt_install etcd-server openssl iproute2 nftables procps psmisc curl ca-certificates iptables
+
+VERSION_FILE=$CACHE/.kubernetes-source-version
+if [ -f "$VERSION_FILE" ]; then
+    ver=$(cat "$VERSION_FILE")
+    if [ -x "$CACHE/kube-apiserver-$ver/kube-apiserver" ]; then
+        echo "$CACHE/kube-apiserver-$ver/kube-apiserver"
+        exit 0
+    fi
+fi
+
+enable_deb_src
+apt_install golang-go rsync golang-github-modern-go-reflect2-dev dpkg-dev make
+if [ "$APT_UPDATED" = 0 ]; then apt-get update -qq >&2; APT_UPDATED=1; fi
+
+mkdir -p "$CACHE/src"
+cd "$CACHE/src"
+ver=$(apt-cache showsrc kubernetes | sed -n 's/^Version: //p' | sort -V | tail -n1)
+[ -n "$ver" ] || { log "apt-cache showsrc kubernetes found no version (deb-src enabled?)"; exit 1; }
+out=$CACHE/kube-apiserver-$ver
+if [ -x "$out/kube-apiserver" ]; then
+    echo "$ver" > "$VERSION_FILE"; echo "$out/kube-apiserver"; exit 0
+fi
+log "building kube-apiserver from Debian source kubernetes $ver (about 10 minutes on 2 cores)"
+upstream=${ver#*:}; upstream=${upstream%-*}
+orig=$(ls kubernetes_"$upstream".orig.tar.* 2>/dev/null | head -n1 || true)
+if [ -z "$orig" ]; then
+    apt-get source --download-only "kubernetes=$ver" >&2
+    orig=$(ls kubernetes_"$upstream".orig.tar.* | head -n1)
+fi
+work=$CACHE/src/build-$upstream
+rm -rf "$work"; mkdir -p "$work"
+tar -xf "$orig" -C "$work" --strip-components=1
+# The vendored reflect2 1.0.1 crashes (SIGSEGV) on bookworm's Go when decoding
+# custom-resource watches; Debian's 1.0.2 works.
+# Replace the package wholesale: 1.0.1 has files (go_above_17.go, ...) that
+# clash with 1.0.2's.
+rm -f "$work"/vendor/github.com/modern-go/reflect2/*.go "$work"/vendor/github.com/modern-go/reflect2/*.s
+cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go \
+   /usr/share/gocode/src/github.com/modern-go/reflect2/*.s \
+   "$work/vendor/github.com/modern-go/reflect2/"
+(cd "$work" && GOPROXY=off GOFLAGS= CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2)
+bin=$(find "$work/_output" -type f -name kube-apiserver -perm -u+x | head -n1)
+[ -n "$bin" ] || { log "build finished but no kube-apiserver binary found"; exit 1; }
+mkdir -p "$out"
+cp "$bin" "$out/kube-apiserver.tmp" && mv "$out/kube-apiserver.tmp" "$out/kube-apiserver"
+echo "$ver" > "$VERSION_FILE"
+rm -rf "$work"   # 1.3 GB of build tree; the orig tarball stays for a rebuild
+log "built $out/kube-apiserver"
+echo "$out/kube-apiserver"
