@@ -60,7 +60,12 @@ impl LabConfig {
 
     pub fn validate(&self) -> Result<()> {
         let n = &self.name;
-        if n.is_empty() || n.len() > 8 || !n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        if n.is_empty()
+            || n.len() > 8
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
             bail!("lab name {n:?} must be 1 to 8 characters of [a-z0-9] (it prefixes interface names)");
         }
         if self.clusters.is_empty() || self.clusters.len() > 50 {
@@ -69,7 +74,8 @@ impl LabConfig {
         for (i, c) in self.clusters.iter().enumerate() {
             let dns_label = !c.is_empty()
                 && c.len() <= 20
-                && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+                && c.chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
                 && !c.starts_with('-')
                 && !c.ends_with('-');
             if !dns_label {
@@ -80,7 +86,10 @@ impl LabConfig {
             }
         }
         if self.nodes_per_cluster == 0 || self.nodes_per_cluster > 200 {
-            bail!("nodes per cluster must be 1 to 200, not {}", self.nodes_per_cluster);
+            bail!(
+                "nodes per cluster must be 1 to 200, not {}",
+                self.nodes_per_cluster
+            );
         }
         let u = usize::from(self.underlay_octet);
         if u <= self.clusters.len() || (101..=100 + self.clusters.len()).contains(&u) || u > 250 {

@@ -70,18 +70,28 @@ impl ClusterPki {
     /// to make, accepted by Go and rustls).
     pub fn create(dir: &Path, cluster: &ClusterPlan) -> Result<Self> {
         fs::create_dir_all(dir)?;
-        let pki = Self { dir: dir.to_path_buf() };
+        let pki = Self {
+            dir: dir.to_path_buf(),
+        };
         let cnf = dir.join("openssl.cnf");
         fs::write(&cnf, OPENSSL_CNF)?;
         let p = |f: PathBuf| f.to_string_lossy().into_owned();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
 
         let cnf_s = p(cnf);
         let (ca_key, ca_crt) = (p(dir.join("ca.key")), p(pki.ca_crt()));
         let subj = format!("/CN={}-lab-ca", cluster.name);
         let mut args = vec!["req", "-x509", "-config", &cnf_s, "-extensions", "v3_ca"];
         args.extend_from_slice(&ec);
-        args.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt, "-days", "30", "-subj", &subj]);
+        args.extend_from_slice(&[
+            "-keyout", &ca_key, "-out", &ca_crt, "-days", "30", "-subj", &subj,
+        ]);
         run("openssl", &args)?;
 
         let san = format!(
@@ -90,7 +100,16 @@ impl ClusterPki {
             cluster.apiserver_ip,
             cluster.kubernetes_service_ip()
         );
-        pki.issue(&cnf_s, &ca_key, &ca_crt, "/CN=kube-apiserver", "serverAuth", Some(&san), &pki.server_key(), &pki.server_crt())?;
+        pki.issue(
+            &cnf_s,
+            &ca_key,
+            &ca_crt,
+            "/CN=kube-apiserver",
+            "serverAuth",
+            Some(&san),
+            &pki.server_key(),
+            &pki.server_crt(),
+        )?;
         pki.issue(
             &cnf_s,
             &ca_key,
@@ -102,11 +121,36 @@ impl ClusterPki {
             &pki.admin_crt(),
         )?;
 
-        run("openssl", &["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", &p(pki.sa_key())])?;
-        run("openssl", &["ec", "-in", &p(pki.sa_key()), "-pubout", "-out", &p(pki.sa_pub())])?;
+        run(
+            "openssl",
+            &[
+                "ecparam",
+                "-genkey",
+                "-name",
+                "prime256v1",
+                "-noout",
+                "-out",
+                &p(pki.sa_key()),
+            ],
+        )?;
+        run(
+            "openssl",
+            &[
+                "ec",
+                "-in",
+                &p(pki.sa_key()),
+                "-pubout",
+                "-out",
+                &p(pki.sa_pub()),
+            ],
+        )?;
 
         let mut tokens = String::new();
-        let _ = writeln!(tokens, "{},{AGENT_USER},{AGENT_USER}-uid,\"{AGENT_GROUP}\"", random_hex(24)?);
+        let _ = writeln!(
+            tokens,
+            "{},{AGENT_USER},{AGENT_USER}-uid,\"{AGENT_GROUP}\"",
+            random_hex(24)?
+        );
         fs::write(pki.tokens(), tokens)?;
         Ok(pki)
     }
@@ -124,11 +168,31 @@ impl ClusterPki {
         crt: &Path,
     ) -> Result<()> {
         let csr = self.dir.join("req.csr");
-        let (key_s, crt_s, csr_s) = (key.to_string_lossy(), crt.to_string_lossy(), csr.to_string_lossy());
+        let (key_s, crt_s, csr_s) = (
+            key.to_string_lossy(),
+            crt.to_string_lossy(),
+            csr.to_string_lossy(),
+        );
         let eku = format!("extendedKeyUsage={eku}");
-        let mut args = vec!["req", "-new", "-config", cnf, "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        args.extend_from_slice(&["-nodes", "-keyout", &key_s, "-out", &csr_s, "-subj", subject]);
-        args.extend_from_slice(&["-addext", "keyUsage=critical,digitalSignature,keyEncipherment", "-addext", &eku]);
+        let mut args = vec![
+            "req",
+            "-new",
+            "-config",
+            cnf,
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ];
+        args.extend_from_slice(&[
+            "-nodes", "-keyout", &key_s, "-out", &csr_s, "-subj", subject,
+        ]);
+        args.extend_from_slice(&[
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            "-addext",
+            &eku,
+        ]);
         if let Some(san) = san {
             args.extend_from_slice(&["-addext", san]);
         }
@@ -136,8 +200,21 @@ impl ClusterPki {
         run(
             "openssl",
             &[
-                "x509", "-req", "-in", &csr_s, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-days", "30",
-                "-copy_extensions", "copyall", "-out", &crt_s,
+                "x509",
+                "-req",
+                "-in",
+                &csr_s,
+                "-CA",
+                ca_crt,
+                "-CAkey",
+                ca_key,
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-copy_extensions",
+                "copyall",
+                "-out",
+                &crt_s,
             ],
         )?;
         fs::remove_file(&csr)?;

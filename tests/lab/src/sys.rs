@@ -71,7 +71,10 @@ pub fn nft_in(netns: &str, ruleset: &str) -> Result<()> {
         .write_all(ruleset.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("nft in {netns} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft in {netns} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -96,7 +99,11 @@ pub fn netns_exists(name: &str) -> bool {
 /// PIDs of the processes living in a network namespace.
 pub fn netns_pids(name: &str) -> Vec<i32> {
     ip(&["netns", "pids", name])
-        .map(|out| out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|out| {
+            out.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -107,7 +114,8 @@ pub fn in_netns<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let path = Path::new("/run/netns").join(netns);
-    let file = File::open(&path).with_context(|| format!("network namespace {netns} does not exist"))?;
+    let file =
+        File::open(&path).with_context(|| format!("network namespace {netns} does not exist"))?;
     std::thread::spawn(move || {
         setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
         f()
@@ -127,8 +135,13 @@ pub struct ProcRecord {
 
 impl ProcRecord {
     pub fn of(pid: i32, what: &str) -> Result<Self> {
-        let start_time = start_time(pid).with_context(|| format!("process {pid} ({what}) exited at once"))?;
-        Ok(Self { pid, start_time, what: what.to_string() })
+        let start_time =
+            start_time(pid).with_context(|| format!("process {pid} ({what}) exited at once"))?;
+        Ok(Self {
+            pid,
+            start_time,
+            what: what.to_string(),
+        })
     }
 
     /// Whether the recorded process still runs (and is still the same one).
@@ -205,8 +218,14 @@ mod tests {
         let rec = ProcRecord::of(me, "test").unwrap();
         assert!(rec.alive());
         assert_eq!(start_time(me), Some(rec.start_time));
-        let other = ProcRecord { start_time: rec.start_time + 1, ..rec.clone() };
-        assert!(!other.alive(), "a different start time is a different process");
+        let other = ProcRecord {
+            start_time: rec.start_time + 1,
+            ..rec.clone()
+        };
+        assert!(
+            !other.alive(),
+            "a different start time is a different process"
+        );
         assert!(rec.rss_kib().unwrap() > 0);
     }
 
