@@ -1,0 +1,36 @@
+# sdn-tunnel: the two commands of the README, and their parts.
+#   make demo   installs what it needs, builds, brings up the two-cluster lab
+#               and shows traffic in it (leaves it running: `make down`).
+#   make test   fmt, clippy, unit tests and the lab end-to-end tests.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+LAB := target/debug/lab
+
+.PHONY: demo test deps build lint unit-and-e2e down crds
+
+deps:
+	bash scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+demo: build
+	$(LAB) down
+	$(LAB) up
+	$(LAB) demo
+	@echo
+	@echo "The lab is still up: '$(LAB) status', kubectl --kubeconfig /tmp/sdn-tunnel-lab/sdnt/kubeconfig --context east get nodes"
+	@echo "Remove it with: make down"
+
+down:
+	@if [ -x $(LAB) ]; then $(LAB) down; else echo "no lab binary: nothing to remove"; fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-and-e2e:
+	$(CARGO) test --workspace --no-fail-fast
+
+test: deps lint unit-and-e2e

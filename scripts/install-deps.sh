@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what sdn-tunnel's demo and tests need on a Debian bookworm machine
+# (as root): the lab's packages and the kube-apiserver built from Debian's
+# source (cached under ~/.cache/sdn-tunnel; a second run is instant).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: run as root (apt-get, network namespaces)" >&2; exit 1
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: no cargo on PATH: install Rust >= 1.89 with rustup (https://rustup.rs) first" >&2; exit 1
+fi
+bash "$here/tests/lab/build-apiserver.sh" >/dev/null
+echo "install-deps: lab prerequisites and kube-apiserver ready" >&2
