@@ -6,7 +6,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "tunctl", version, about = "Inspect and operate sdn-tunnel meshes")]
+#[command(
+    name = "tunctl",
+    version,
+    about = "Inspect and operate sdn-tunnel meshes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
