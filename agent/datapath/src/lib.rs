@@ -2,5 +2,16 @@
 //! sans-IO `noise::Tunn` (one per remote peer), an allowed-IP longest-prefix
 //! table, and the TUN/UDP I/O layer (batched syscalls, offloads).
 //!
+//! - [`allowed_ips`]: longest-prefix table from prefixes to peers.
+//! - [`keys`]: X25519 keys in WireGuard text form, the 0600 key file.
+//!
 //! Only the `io` module (to come) may use `unsafe`, each block with a
 //! `// SAFETY:` comment.
+
+#![forbid(unsafe_code)]
+
+pub mod allowed_ips;
+pub mod keys;
+
+pub use allowed_ips::AllowedIps;
+pub use keys::{KeyFileError, KeyFormatError, PrivateKey, PublicKey};
