@@ -5,3 +5,23 @@
 //!
 //! Nothing here performs I/O or reads a clock: drivers in `agent/daemon`
 //! observe and apply, this crate decides.
+
+pub mod cidr;
+pub mod desired;
+pub mod mesh;
+
+pub use desired::{
+    desired_state, diff, DesiredError, DesiredPeer, DesiredRoute, DesiredState, Diff, RouteKind,
+    Snapshot,
+};
+pub use mesh::{
+    validate_mesh, AcceptedCluster, AcceptedPeer, LocalCluster, Mesh, MeshError, ObjectKind,
+    ObjectRef, Refusal, RefusalReason, SourcedPeer,
+};
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests_desired;
+#[cfg(test)]
+mod tests_mesh;
