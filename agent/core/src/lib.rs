@@ -9,6 +9,7 @@
 pub mod cidr;
 pub mod desired;
 pub mod mesh;
+pub mod status;
 
 pub use desired::{
     desired_state, diff, DesiredError, DesiredPeer, DesiredRoute, DesiredState, Diff, RouteKind,
@@ -25,3 +26,5 @@ mod fixtures;
 mod tests_desired;
 #[cfg(test)]
 mod tests_mesh;
+#[cfg(test)]
+mod tests_status;
