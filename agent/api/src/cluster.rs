@@ -171,6 +171,7 @@ impl TunnelClusterSpec {
     /// overrides. CIDR checks are mesh-level and live in `sdn-tunnel-core`.
     pub fn validate(&self) -> Result<(), ValidationError> {
         crate::validate::validate_dns_label(&self.cluster_name)?;
+        crate::validate::validate_dns_zone(&self.dns_zone())?;
         if !self.local && self.kubeconfig_secret_ref.is_none() {
             return Err(ValidationError::MissingKubeconfigRef(
                 self.cluster_name.clone(),
@@ -247,6 +248,12 @@ mod tests {
             s.validate(),
             Err(ValidationError::BadEndpoint { .. })
         ));
+        let mut s = spec();
+        s.dns_zone = Some("bad zone".into());
+        assert_eq!(
+            s.validate(),
+            Err(ValidationError::BadDnsZone("bad zone".into()))
+        );
         let mut s = spec();
         s.cluster_name = "West_1".into();
         assert!(matches!(s.validate(), Err(ValidationError::BadName { .. })));

@@ -38,6 +38,11 @@ pub enum ValidationError {
         /// The offending value.
         name: String,
     },
+    /// The DNS zone is not a DNS name.
+    #[error(
+        "bad DNS zone {0:?}: must be a DNS name (letters, digits, '-' in dot-separated labels)"
+    )]
+    BadDnsZone(String),
     /// A required field is empty.
     #[error("{0} must not be empty")]
     EmptyField(&'static str),
@@ -118,6 +123,15 @@ pub fn validate_dns_label(name: &str) -> Result<(), ValidationError> {
         Err(ValidationError::BadName {
             name: name.to_string(),
         })
+    }
+}
+
+/// A DNS zone must be a DNS name: the DNS server answers for it.
+pub fn validate_dns_zone(zone: &str) -> Result<(), ValidationError> {
+    if is_dns_name(zone) {
+        Ok(())
+    } else {
+        Err(ValidationError::BadDnsZone(zone.to_string()))
     }
 }
 
@@ -294,6 +308,19 @@ mod tests {
         assert_eq!(validate_mtu(1420), Ok(1420));
         assert_eq!(validate_mtu(575), Err(ValidationError::BadMtu(575)));
         assert_eq!(validate_mtu(9001), Err(ValidationError::BadMtu(9001)));
+    }
+
+    #[test]
+    fn dns_zones() {
+        assert!(validate_dns_zone("cluster.west").is_ok());
+        assert!(validate_dns_zone("west.example.com.").is_ok());
+        for bad in ["", ".", "a..b", "bad_zone", "-a.b", "a b"] {
+            assert_eq!(
+                validate_dns_zone(bad),
+                Err(ValidationError::BadDnsZone(bad.into())),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

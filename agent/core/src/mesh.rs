@@ -53,6 +53,10 @@ pub enum RefusalReason {
     MissingKubeconfigRef,
     /// Two declarations use the same cluster name (or the local one's).
     DuplicateClusterName,
+    /// The DNS zone is not a DNS name.
+    InvalidDnsZone,
+    /// Two declarations use the same DNS zone (or the local one's).
+    DuplicateDnsZone,
     /// A CIDR does not parse or has host bits set.
     InvalidCidr,
     /// `0.0.0.0/0` or `::/0`.
@@ -101,6 +105,8 @@ impl RefusalReason {
             RefusalReason::InvalidSpec => "InvalidSpec",
             RefusalReason::MissingKubeconfigRef => "MissingKubeconfigRef",
             RefusalReason::DuplicateClusterName => "DuplicateClusterName",
+            RefusalReason::InvalidDnsZone => "InvalidDnsZone",
+            RefusalReason::DuplicateDnsZone => "DuplicateDnsZone",
             RefusalReason::InvalidCidr => "InvalidCidr",
             RefusalReason::DefaultRoute => "DefaultRoute",
             RefusalReason::LoopbackCidr => "LoopbackCidr",
@@ -143,6 +149,7 @@ impl RefusalReason {
             ValidationError::BadPort(_) => RefusalReason::BadPort,
             ValidationError::BadMtu(_) => RefusalReason::BadMtu,
             ValidationError::BadName { .. } => RefusalReason::InvalidName,
+            ValidationError::BadDnsZone(_) => RefusalReason::InvalidDnsZone,
             ValidationError::EmptyField(_) => RefusalReason::InvalidSpec,
             ValidationError::MissingKubeconfigRef(_) => RefusalReason::MissingKubeconfigRef,
         }
@@ -505,6 +512,40 @@ pub fn validate_mesh(
                 format!(
                     "cluster name {} is also declared by TunnelCluster {}",
                     d.name,
+                    others.join(", ")
+                ),
+            );
+        }
+    }
+
+    // DNS zones answer for one cluster each; compared without case and
+    // trailing dot, as DNS does.
+    let zone_key = |z: &str| z.trim_end_matches('.').to_ascii_lowercase();
+    let mut by_zone: BTreeMap<String, Vec<&Decl>> = BTreeMap::new();
+    for d in &decls {
+        by_zone.entry(zone_key(&d.dns_zone)).or_default().push(d);
+    }
+    for d in &decls {
+        let key = zone_key(&d.dns_zone);
+        if key == zone_key(&local.dns_zone) {
+            refusals.add(
+                &d.object,
+                RefusalReason::DuplicateDnsZone,
+                format!("DNS zone {} is the local cluster's", d.dns_zone),
+            );
+        }
+        if let Some(same) = by_zone.get(&key).filter(|v| v.len() > 1) {
+            let others: Vec<&str> = same
+                .iter()
+                .filter(|o| o.object != d.object)
+                .map(|o| o.object.name.as_str())
+                .collect();
+            refusals.add(
+                &d.object,
+                RefusalReason::DuplicateDnsZone,
+                format!(
+                    "DNS zone {} is also used by TunnelCluster {}",
+                    d.dns_zone,
                     others.join(", ")
                 ),
             );

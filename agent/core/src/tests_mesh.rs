@@ -145,16 +145,42 @@ fn duplicate_cluster_names_refused() {
     local_name.metadata.name = Some("east-remote".into());
     cs.push(local_name);
     let m = validate(&cs, &peers());
-    assert_eq!(reasons(&m, "west"), [RefusalReason::DuplicateClusterName]);
-    assert_eq!(
-        reasons(&m, "west-again"),
-        [RefusalReason::DuplicateClusterName]
-    );
+    // Same name means same default DNS zone, so both reasons show.
+    let both = [
+        RefusalReason::DuplicateClusterName,
+        RefusalReason::DuplicateDnsZone,
+    ];
+    assert_eq!(reasons(&m, "west"), both);
+    assert_eq!(reasons(&m, "west-again"), both);
     assert!(message(&m, "west", RefusalReason::DuplicateClusterName).contains("west-again"));
+    assert_eq!(reasons(&m, "east-remote"), both);
     assert_eq!(
-        reasons(&m, "east-remote"),
-        [RefusalReason::DuplicateClusterName]
+        message(&m, "east-remote", RefusalReason::DuplicateDnsZone),
+        "DNS zone cluster.east is the local cluster's"
     );
+    assert_eq!(accepted_nodes(&m), ["north/n1"]);
+}
+
+#[test]
+fn duplicate_dns_zones_refused() {
+    let mut cs = clusters();
+    cs[2].spec.dns_zone = Some("Cluster.West.".into()); // north takes west's zone
+    let m = validate(&cs, &peers());
+    assert_eq!(reasons(&m, "west"), [RefusalReason::DuplicateDnsZone]);
+    assert_eq!(reasons(&m, "north"), [RefusalReason::DuplicateDnsZone]);
+    assert_eq!(
+        message(&m, "west", RefusalReason::DuplicateDnsZone),
+        "DNS zone cluster.west is also used by TunnelCluster north"
+    );
+    assert!(m.peers.is_empty());
+}
+
+#[test]
+fn invalid_dns_zone_refused() {
+    let mut cs = clusters();
+    cs[1].spec.dns_zone = Some("bad zone".into());
+    let m = validate(&cs, &peers());
+    assert_eq!(reasons(&m, "west"), [RefusalReason::InvalidDnsZone]);
     assert_eq!(accepted_nodes(&m), ["north/n1"]);
 }
 
