@@ -10,10 +10,11 @@
 //! Only the `io` module (to come) may use `unsafe`, each block with a
 //! `// SAFETY:` comment.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod allowed_ips;
 pub mod device;
+pub mod io;
 pub mod keys;
 
 pub use allowed_ips::AllowedIps;

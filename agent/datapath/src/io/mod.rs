@@ -1,0 +1,22 @@
+//! The I/O layer of the data path: the only place that touches file
+//! descriptors, and the only module allowed to use `unsafe` (each block
+//! carries a `// SAFETY:` comment).
+//!
+//! Built directly on `libc` (ioctls, `recvmmsg`/`sendmmsg`, control
+//! messages) and `nix` (`setns`); no extra crates.
+//!
+//! - [`tun`]: the TUN device (`IFF_TUN | IFF_NO_PI`, multi-queue, MTU, up),
+//!   non-blocking single-packet reads and writes into caller buffers.
+//! - [`udp`]: UDP sockets, optionally created inside another network
+//!   namespace, `SO_REUSEPORT` for several workers, batched
+//!   `recvmmsg`/`sendmmsg` into caller-owned reusable buffers.
+
+#![allow(unsafe_code)]
+
+pub(crate) mod sys;
+pub mod tun;
+
+#[cfg(test)]
+pub(crate) mod testns;
+
+pub use tun::{Tun, TunOptions};
