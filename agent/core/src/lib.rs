@@ -5,9 +5,17 @@
 //!
 //! Nothing here performs I/O or reads a clock: drivers in `agent/daemon`
 //! observe and apply, this crate decides.
+//!
+//! - [`cidr`]: prefix parsing and relations, forbidden ranges.
+//! - [`mesh`]: which declared clusters and remote `TunnelPeer`s are accepted,
+//!   and why the others are refused.
+//! - [`desired`]: WireGuard peers and routes to install, and a keyed diff.
+//! - [`status`]: peer states, conditions and counters to report.
+//! - [`mod@evaluate`]: all of the above in one call from a [`World`] snapshot.
 
 pub mod cidr;
 pub mod desired;
+pub mod evaluate;
 pub mod mesh;
 pub mod status;
 
@@ -15,6 +23,7 @@ pub use desired::{
     desired_state, diff, DesiredError, DesiredPeer, DesiredRoute, DesiredState, Diff, RouteKind,
     Snapshot,
 };
+pub use evaluate::{evaluate, EvaluateError, Evaluation, World};
 pub use mesh::{
     validate_mesh, AcceptedCluster, AcceptedPeer, LocalCluster, Mesh, MeshError, ObjectKind,
     ObjectRef, Refusal, RefusalReason, SourcedPeer,

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use sdn_tunnel_api::{
-    PeerState, RemotePeerStatus, TunnelClusterStatus, TunnelPeerStatus, CONDITION_CONNECTED,
-    CONDITION_DEGRADED,
+    PeerState, RemotePeerStatus, TunnelCluster, TunnelClusterStatus, TunnelPeerStatus,
+    CONDITION_CONNECTED, CONDITION_DEGRADED,
 };
 
 use crate::desired::DesiredPeer;
@@ -181,19 +181,23 @@ pub fn set_condition(
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
 }
 
-/// Status of the `TunnelCluster` declaring cluster `name`.
+/// Status of one remote `TunnelCluster` declaration, from this node's view.
 ///
 /// `statuses` are this node's [`remote_peer_statuses`]; `previous` the status
 /// currently stored (its condition times are kept across unchanged writes);
-/// `last_sync` when the remote API was last listed successfully.
+/// `last_sync` when the remote API was last listed successfully. Keyed by
+/// the object, not the cluster name, so two declarations of one name get
+/// their own refusals.
 pub fn cluster_status(
-    name: &str,
+    cluster: &TunnelCluster,
     mesh: &Mesh,
     statuses: &[RemotePeerStatus],
     previous: Option<&TunnelClusterStatus>,
     last_sync: Option<Timestamp>,
     now: Timestamp,
 ) -> TunnelClusterStatus {
+    let name = cluster.spec.cluster_name.as_str();
+    let object_name = cluster.metadata.name.as_deref().unwrap_or_default();
     let mut conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
     let ours: Vec<&RemotePeerStatus> = statuses.iter().filter(|s| s.cluster == name).collect();
     let total = ours.len();
@@ -204,7 +208,7 @@ pub fn cluster_status(
     let refusals: Vec<_> = mesh
         .refusals
         .iter()
-        .filter(|r| r.object.kind == ObjectKind::TunnelCluster && r.object.cluster == name)
+        .filter(|r| r.object.kind == ObjectKind::TunnelCluster && r.object.name == object_name)
         .collect();
 
     if let Some(first) = refusals.first() {
@@ -225,13 +229,13 @@ pub fn cluster_status(
             msg,
             now,
         );
-    } else if mesh.cluster(name).is_none() {
+    } else if !mesh.clusters.iter().any(|c| c.object_name == object_name) {
         set_condition(
             &mut conditions,
             CONDITION_CONNECTED,
             false,
             "NotDeclared",
-            format!("cluster {name} is not declared as a remote cluster"),
+            format!("TunnelCluster {object_name} is not an accepted remote cluster"),
             now,
         );
     } else {

@@ -139,7 +139,8 @@ fn cluster_status_counts_and_conditions() {
     let (ps, _) = scenario();
     let m = validate_mesh(&clusters(), &sourced(&ps), &own_key()).unwrap();
     let st = statuses();
-    let west = cluster_status("west", &m, &st, None, Some(ago(2)), now());
+    let cs = clusters();
+    let west = cluster_status(&cs[1], &m, &st, None, Some(ago(2)), now());
     assert_eq!((west.peers_ready, west.peers_total), (Some(1), Some(3)));
     let cond = |t: &str| west.conditions.iter().find(|c| c.type_ == t).unwrap();
     assert_eq!(cond("Connected").status, "True");
@@ -149,7 +150,7 @@ fn cluster_status_counts_and_conditions() {
     assert!(cond("Degraded").message.contains("w9 CidrOutsideDeclared"));
     assert_eq!(west.last_sync.as_ref().unwrap().0, ago(2));
 
-    let north = cluster_status("north", &m, &st, None, None, now());
+    let north = cluster_status(&cs[2], &m, &st, None, None, now());
     let cond = |t: &str| north.conditions.iter().find(|c| c.type_ == t).unwrap();
     assert_eq!(cond("Connected").status, "False");
     assert_eq!(cond("Connected").reason, "NoPeerConnected");
@@ -167,7 +168,7 @@ fn refused_declaration_shows_in_its_status() {
     ));
     let ps = peers();
     let m = validate_mesh(&cs, &sourced(&ps), &own_key()).unwrap();
-    let s = cluster_status("south", &m, &[], None, None, now());
+    let s = cluster_status(&cs[3], &m, &[], None, None, now());
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(degraded.status, "True");
     assert_eq!(degraded.reason, "CidrOverlap");
@@ -199,4 +200,53 @@ fn own_status_summarises() {
         .unwrap();
     assert_eq!(degraded.status, "False");
     assert_eq!(degraded.last_transition_time.0, now());
+}
+
+fn world_eval(
+    clusters: &[sdn_tunnel_api::TunnelCluster],
+    ps: &[TunnelPeer],
+    o: &BTreeMap<String, PeerObservation>,
+) -> Result<crate::evaluate::Evaluation, crate::evaluate::EvaluateError> {
+    let lp = local_peer();
+    let sp = sourced(ps);
+    let prev = BTreeMap::new();
+    let mut sync = BTreeMap::new();
+    sync.insert("west".to_string(), ago(1));
+    crate::evaluate::evaluate(&crate::evaluate::World {
+        clusters,
+        local_peer: &lp,
+        remote_peers: &sp,
+        observations: o,
+        previous_cluster_status: &prev,
+        previous_own_status: None,
+        last_sync: &sync,
+        persistent_keepalive: Some(25),
+        now: now(),
+    })
+}
+
+#[test]
+fn evaluate_ties_it_together() {
+    let (ps, o) = scenario();
+    let e = world_eval(&clusters(), &ps, &o).unwrap();
+    assert_eq!(e.desired.peers.len(), 3);
+    assert_eq!(e.desired.routes.len(), 5);
+    assert_eq!(e.own_status.peers.len(), 4);
+    let names: Vec<&str> = e.cluster_statuses.keys().map(String::as_str).collect();
+    assert_eq!(names, ["north", "west"]);
+    assert_eq!(
+        e.cluster_statuses["west"].last_sync.as_ref().unwrap().0,
+        ago(1)
+    );
+    assert_eq!(e.cluster_statuses["north"].last_sync, None);
+}
+
+#[test]
+fn evaluate_reports_unusable_declarations() {
+    let (ps, o) = scenario();
+    let remotes: Vec<_> = clusters().into_iter().filter(|c| !c.spec.local).collect();
+    assert_eq!(
+        world_eval(&remotes, &ps, &o).unwrap_err(),
+        crate::evaluate::EvaluateError::Mesh(crate::mesh::MeshError::NoLocalCluster)
+    );
 }
