@@ -140,7 +140,10 @@ pub struct EndpointOverride {
 #[serde(rename_all = "camelCase")]
 pub struct TunnelClusterStatus {
     /// `Connected`, `Degraded`, … with reason and message.
+    // A list-map keyed by `type`, so that server-side apply by several field
+    // managers merges conditions instead of replacing the whole list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Remote peers of this cluster with a recent handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -56,4 +56,33 @@ mod tests {
         assert_eq!(TunnelPeer::version(&()), VERSION);
         assert_eq!(TunnelPeer::api_version(&()), API_VERSION);
     }
+
+    /// Objects as a Kubernetes 1.20 apiserver returned them after
+    /// `kubectl apply -f deploy/crds` and a status patch (captured into
+    /// `testdata/`): the Rust types must read what the apiserver stores.
+    #[test]
+    fn reads_objects_returned_by_a_1_20_apiserver() {
+        let p: TunnelPeer =
+            serde_json::from_str(include_str!("../testdata/tunnelpeer-k8s-1.20.json")).unwrap();
+        assert_eq!(p.spec.validate().unwrap().len(), 2);
+        let st = p.status.unwrap();
+        assert_eq!(st.peers[0].state, PeerState::Connected);
+        assert_eq!(st.peers[0].rtt_micros, Some(300));
+        assert_eq!(st.conditions[0].type_, CONDITION_CONNECTED);
+        assert!(st.last_update.is_some());
+
+        let c: TunnelCluster =
+            serde_json::from_str(include_str!("../testdata/tunnelcluster-k8s-1.20.json")).unwrap();
+        assert_eq!(c.spec.validate(), Ok(()));
+        assert_eq!(c.spec.dns_zone(), "cluster.west");
+        assert_eq!(c.spec.pod_cidrs, ["10.2.0.0/16", "fd00:2::/48"]);
+        assert!(c
+            .spec
+            .service_selector
+            .unwrap()
+            .namespace_selector
+            .is_some());
+        assert_eq!(c.spec.endpoint_overrides[0].endpoint, "lb.example.com:4500");
+        assert_eq!(c.status.unwrap().conditions[0].status, "True");
+    }
 }

@@ -147,7 +147,10 @@ pub struct TunnelPeerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<RemotePeerStatus>,
     /// `Connected`, `Degraded`, … with reason and message.
+    // A list-map keyed by `type`, so that server-side apply by several field
+    // managers merges conditions instead of replacing the whole list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// When the agent last wrote this status; lets readers spot a dead agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
