@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use sdn_tunnel_api::{Endpoint, TunnelCluster, TunnelPeer, ValidationError};
 use thiserror::Error;
 
-use crate::cidr::{self, CidrError, Forbidden};
+use crate::cidr::{self, Forbidden};
 
 /// The declarations are unusable as a whole: without exactly one sound local
 /// cluster nothing can be judged (overlap with the local cluster is the first
@@ -375,7 +375,7 @@ fn parse_cidrs(
                     out.insert(net);
                 }
             }
-            Err(e @ (CidrError::Parse(_) | CidrError::HostBits { .. })) => {
+            Err(e) => {
                 refusals.add(
                     object,
                     RefusalReason::InvalidCidr,
@@ -672,13 +672,19 @@ pub fn validate_mesh(
         if refusals.has(&object) {
             continue;
         }
-        let (Some(first), Ok(listen_port)) = (
-            endpoints.first(),
-            sdn_tunnel_api::validate::validate_port(p.spec.listen_port),
-        ) else {
-            // validate() already refused both cases; kept as a guard so this
-            // function can never accept a peer without an endpoint.
+        // validate() has already refused both cases; checked again so that a
+        // peer can never be accepted without an endpoint or port, and never
+        // dropped silently either.
+        let Some(first) = endpoints.first() else {
+            refusals.add(&object, RefusalReason::BadEndpoint, "no usable endpoint");
             continue;
+        };
+        let listen_port = match sdn_tunnel_api::validate::validate_port(p.spec.listen_port) {
+            Ok(port) => port,
+            Err(e) => {
+                refusals.add(&object, RefusalReason::BadPort, e.to_string());
+                continue;
+            }
         };
         let endpoint = decl.overrides.get(&p.spec.node).unwrap_or(first).clone();
         candidates.push(AcceptedPeer {
