@@ -461,6 +461,31 @@ impl Device {
         Ok(change)
     }
 
+    /// Start a handshake with a peer now instead of waiting for its first
+    /// packet, so a freshly configured mesh is up before traffic needs it
+    /// (the kernel does the same when a persistent keepalive is set).
+    /// Returns `Done` when the peer is unknown or a handshake is already in
+    /// flight, and drops with `NoEndpoint` when there is nowhere to send.
+    pub fn initiate_handshake<'a>(&mut self, key: &PublicKey, out: &'a mut [u8]) -> Outcome<'a> {
+        if out.len() < MIN_OUT_BUFFER {
+            return self.dropped(DropReason::BufferTooSmall);
+        }
+        let Some(peer) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i)) else {
+            return Outcome::Done;
+        };
+        let Some(to) = peer.endpoint else {
+            return self.dropped(DropReason::NoEndpoint);
+        };
+        match peer.tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(datagram) => {
+                peer.count_tx(datagram.len());
+                Outcome::Network { to, datagram }
+            }
+            TunnResult::Err(e) => self.dropped(DropReason::from_wireguard(&e)),
+            _ => Outcome::Done,
+        }
+    }
+
     /// Remove a peer: its session ends, its prefixes route nowhere, and its
     /// datagrams count as `UnknownPeer`. Returns whether it existed.
     pub fn remove_peer(&mut self, key: &PublicKey) -> bool {

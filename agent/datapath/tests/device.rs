@@ -403,3 +403,43 @@ fn cookie_reply_under_load_then_handshake_with_mac2() {
     assert_eq!(lab.nodes[0].dev.drops().get(DropReason::UnderLoad), 1);
     assert_eq!(lab.nodes[0].tun, vec![p]);
 }
+
+#[test]
+fn handshake_can_be_initiated_before_traffic() {
+    let mut lab = Lab::pair(None);
+    let b_key = lab.nodes[1].public();
+    let unknown = PrivateKey::generate().public_key();
+    let mut out = [0u8; BUF];
+    assert_eq!(
+        Got::from(lab.nodes[0].dev.initiate_handshake(&unknown, &mut out)),
+        Got::Done
+    );
+    let Got::Sent(to, init) = Got::from(lab.nodes[0].dev.initiate_handshake(&b_key, &mut out))
+    else {
+        panic!("expected an initiation")
+    };
+    assert_eq!(to, lab.nodes[1].addr);
+    assert_eq!(msg_type(&init), 1);
+    // A second call while the first is in flight sends nothing.
+    assert_eq!(
+        Got::from(lab.nodes[0].dev.initiate_handshake(&b_key, &mut out)),
+        Got::Done
+    );
+    lab.wire.push_back((0, to, init));
+    lab.run();
+    let st = lab.nodes[0].dev.peer_stats(&b_key).unwrap();
+    assert!(st.last_handshake_age.is_some(), "session is up: {st:?}");
+    // Data flows at once, without another handshake.
+    let p = ipv4_packet(v4("10.1.0.5"), v4("10.2.0.7"), b"x");
+    let Got::Sent(_, d) = lab.send(0, &p) else {
+        panic!()
+    };
+    assert_eq!(msg_type(&d), 4);
+    assert_eq!(lab.nodes[1].tun, vec![p]);
+}
+
+#[test]
+fn device_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<sdn_tunnel_datapath::Device>();
+}
