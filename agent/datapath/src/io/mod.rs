@@ -10,13 +10,18 @@
 //! - [`udp`]: UDP sockets, optionally created inside another network
 //!   namespace, `SO_REUSEPORT` for several workers, batched
 //!   `recvmmsg`/`sendmmsg` into caller-owned reusable buffers.
+//! - [`netns`]: run a closure on a short-lived thread inside another
+//!   network namespace.
 
 #![allow(unsafe_code)]
 
+pub mod netns;
 pub(crate) mod sys;
 pub mod tun;
+pub mod udp;
 
 #[cfg(test)]
 pub(crate) mod testns;
 
 pub use tun::{Tun, TunOptions};
+pub use udp::{BatchFull, RecvBatch, SendBatch, SendReport, UdpOptions, UdpSocket};

@@ -42,6 +42,10 @@ impl TestNetns {
         ns
     }
 
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     pub(crate) fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }
@@ -82,6 +86,30 @@ impl Drop for TestNetns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// A veth pair between two test namespaces, with addresses, MTU and link up.
+pub(crate) fn veth_pair(a: &TestNetns, a_cidr: &str, b: &TestNetns, b_cidr: &str, mtu: u32) {
+    let mtu = mtu.to_string();
+    a.ip(&[
+        "link",
+        "add",
+        "va",
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vb",
+        "netns",
+        b.name(),
+    ]);
+    b.ip(&["link", "set", "vb", "mtu", &mtu]);
+    a.ip(&["addr", "add", a_cidr, "dev", "va"]);
+    b.ip(&["addr", "add", b_cidr, "dev", "vb"]);
+    a.ip(&["link", "set", "va", "up"]);
+    b.ip(&["link", "set", "vb", "up"]);
 }
 
 fn run(cmd: &str, args: &[&str]) {

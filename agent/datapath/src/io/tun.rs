@@ -336,11 +336,6 @@ mod tests {
             assert_ne!(q2.as_raw_fd(), tun.as_raw_fd());
             tun.set_mtu(1420).unwrap();
             assert_eq!(q2.mtu().unwrap(), 1420);
-            let mut buf = [0u8; 1500];
-            assert_eq!(
-                tun.read(&mut buf).unwrap_err().kind(),
-                io::ErrorKind::WouldBlock
-            );
             let link = ns.ip_output(&["-o", "link", "show", "sdt0"]);
             assert!(link.contains("mtu 1420"), "{link}");
             assert!(link.contains("UP"), "{link}");
@@ -348,7 +343,16 @@ mod tests {
             assert!(!q2.is_up().unwrap());
             drop(tun);
             drop(q2);
-            let after = ns.ip_output(&["-o", "link", "show"]);
+            // Another test thread forking `ip` may hold our fds until its
+            // exec, so allow the close a moment to take effect.
+            let mut after = String::new();
+            for _ in 0..100 {
+                after = ns.ip_output(&["-o", "link", "show"]);
+                if !after.contains("sdt0") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             assert!(
                 !after.contains("sdt0"),
                 "device must vanish on close: {after}"
@@ -364,9 +368,18 @@ mod tests {
             let tun = Tun::create(&TunOptions {
                 name: "sdt1".into(),
                 multi_queue: false,
+                up: false,
                 ..TunOptions::default()
             })
             .unwrap();
+            assert!(!tun.is_up().unwrap());
+            // Down, so the kernel sends nothing into it: nothing to read.
+            let mut buf = [0u8; 1500];
+            assert_eq!(
+                tun.read(&mut buf).unwrap_err().kind(),
+                io::ErrorKind::WouldBlock
+            );
+            assert!(!tun.wait_readable(Some(Duration::from_millis(10))).unwrap());
             assert_eq!(
                 tun.clone_queue().unwrap_err().kind(),
                 io::ErrorKind::Unsupported
