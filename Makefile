@@ -31,6 +31,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit-and-e2e:
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 test: deps lint unit-and-e2e

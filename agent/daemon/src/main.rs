@@ -1,9 +1,17 @@
 //! `tunnel-agent`: the per-node DaemonSet agent of sdn-tunnel.
 //!
-//! So far it only reports its version; the data path (TUN + boringtun), the
-//! control plane (CRD watches) and the service proxy arrive with their issues.
+//! `tunnel-agent run` terminates the userspace WireGuard tunnel in the
+//! agent's pod, publishes this node's TunnelPeer and follows the mesh;
+//! `tunnel-agent keys` prints the node's public key.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sdn_tunnel_agent::agent::{self, Readiness};
+use sdn_tunnel_agent::config::AgentConfig;
+use sdn_tunnel_agent::health;
+use sdn_tunnel_datapath::keys::PrivateKey;
 
 #[derive(Debug, Parser)]
 #[command(name = "tunnel-agent", version, about = "sdn-tunnel per-node agent")]
@@ -14,18 +22,62 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent (what the DaemonSet starts).
+    Run(Box<AgentConfig>),
+    /// Print this node's WireGuard public key (creating the key pair if absent).
+    Keys {
+        #[arg(
+            long,
+            env = "SDN_TUNNEL_KEY_FILE",
+            default_value = "/var/lib/sdn-tunnel/private.key"
+        )]
+        key_file: PathBuf,
+    },
     /// Print the agent version and the API version it speaks.
     Version,
 }
 
-fn main() {
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Version => println!(
-            "tunnel-agent {} (API {}/{})",
-            env!("CARGO_PKG_VERSION"),
-            sdn_tunnel_api::GROUP,
-            sdn_tunnel_api::VERSION
-        ),
+    let result = match cli.command {
+        Command::Version => {
+            println!(
+                "tunnel-agent {} (API {}/{})",
+                env!("CARGO_PKG_VERSION"),
+                sdn_tunnel_api::GROUP,
+                sdn_tunnel_api::VERSION
+            );
+            Ok(())
+        }
+        Command::Keys { key_file } => PrivateKey::load_or_generate(&key_file)
+            .map(|(k, _)| println!("{}", k.public_key().to_base64()))
+            .map_err(anyhow::Error::from),
+        Command::Run(cfg) => run(*cfg),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunnel-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (readiness_tx, readiness_rx) = tokio::sync::watch::channel(Readiness::default());
+        let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await?;
+        tokio::spawn(health::serve(listener, readiness_rx));
+        agent::run(cfg, readiness_tx).await
+    })
 }

@@ -106,6 +106,18 @@ pub fn spawn_in_netns(
     log: &Path,
     what: &str,
 ) -> Result<ProcRecord> {
+    spawn_in_netns_with_env(netns, program, args, &[], log, what)
+}
+
+/// [`spawn_in_netns`] with extra environment variables.
+pub fn spawn_in_netns_with_env(
+    netns: &str,
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+    what: &str,
+) -> Result<ProcRecord> {
     use std::os::unix::process::CommandExt;
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
@@ -113,6 +125,7 @@ pub fn spawn_in_netns(
         .args(["netns", "exec", netns])
         .arg(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

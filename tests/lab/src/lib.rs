@@ -289,6 +289,36 @@ impl Lab {
     /// Adds a pod on node `node_index` (1-based) of `cluster`, running the
     /// lab's server (TCP and UDP on [`POD_SERVER_PORT`], answers its name).
     pub fn add_pod(&mut self, cluster: &str, node_index: u8, name: &str) -> Result<Pod> {
+        let args = vec![
+            "serve".to_string(),
+            "--name".into(),
+            name.into(),
+            "--port".into(),
+            POD_SERVER_PORT.to_string(),
+        ];
+        let pod = self.add_pod_running(cluster, node_index, name, &lab_binary()?, &args, &[])?;
+        server::wait_listening(
+            &pod.netns,
+            SocketAddr::from((pod.ip, POD_SERVER_PORT)),
+            Duration::from_secs(10),
+        )?;
+        Ok(pod)
+    }
+
+    /// Adds a pod on node `node_index` (1-based) of `cluster` running
+    /// `program args` with `env` (plus `POD_IP` and `NODE_NAME`, as the
+    /// downward API would set them); its output goes to
+    /// `<dir>/<cluster>/pod-<name>.log`. The process is recorded and stopped
+    /// by teardown.
+    pub fn add_pod_running(
+        &mut self,
+        cluster: &str,
+        node_index: u8,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Pod> {
         let valid = !name.is_empty()
             && name.len() <= 30
             && name
@@ -340,21 +370,16 @@ impl Lab {
         self.save()?;
         net::create_pod(&self.state.config, &node, &pod.netns, ip)?;
         let log = self.cluster_dir(cluster).join(format!("pod-{name}.log"));
-        let args = vec![
-            "serve".to_string(),
-            "--name".into(),
-            name.into(),
-            "--port".into(),
-            POD_SERVER_PORT.to_string(),
+        let mut all_env = vec![
+            ("POD_IP".to_string(), ip.to_string()),
+            ("NODE_NAME".to_string(), node.name.clone()),
         ];
-        let server = controlplane::spawn_in_netns(
-            &pod.netns,
-            &lab_binary()?,
-            &args,
-            &log,
-            &format!("pod server {name}"),
+        all_env.extend(env.iter().cloned());
+        let what = format!("pod {name} ({})", program.display());
+        let process = controlplane::spawn_in_netns_with_env(
+            &pod.netns, program, args, &all_env, &log, &what,
         )?;
-        pod.server = Some(server);
+        pod.server = Some(process);
         if let Some(p) = self
             .state
             .pods
@@ -364,12 +389,12 @@ impl Lab {
             *p = pod.clone();
         }
         self.save()?;
-        server::wait_listening(
-            &pod.netns,
-            SocketAddr::from((pod.ip, POD_SERVER_PORT)),
-            Duration::from_secs(10),
-        )?;
         Ok(pod)
+    }
+
+    /// The log file of a pod's process.
+    pub fn pod_log(&self, cluster: &str, name: &str) -> PathBuf {
+        self.cluster_dir(cluster).join(format!("pod-{name}.log"))
     }
 
     pub fn pod(&self, cluster: &str, name: &str) -> Result<&Pod> {

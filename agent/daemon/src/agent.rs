@@ -1,0 +1,305 @@
+//! The agent's event loop: watch → snapshot → desired → apply, plus the
+//! status writer. Decisions come from `sdn-tunnel-core`; this module only
+//! gathers inputs, calls it, and hands the result to the tunnel and drivers.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use sdn_tunnel_api::{EndpointHost, TunnelPeerSpec, TunnelPeerStatus};
+use sdn_tunnel_core::mesh::{validate_mesh, SourcedPeer};
+use sdn_tunnel_core::status::{own_peer_status, remote_peer_statuses, PeerObservation};
+use sdn_tunnel_core::{desired_state, DesiredPeer, DesiredState, Snapshot};
+use sdn_tunnel_datapath::device::{Device, DeviceConfig};
+use sdn_tunnel_datapath::io::tun::{Tun, TunOptions};
+use sdn_tunnel_datapath::keys::{PrivateKey, PublicKey};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::control::{self, Watches};
+use crate::tunnel::{bind_udp, Tunnel, TunnelPeer};
+
+/// WireGuard's outer headers: IPv4 20 + UDP 8 + WireGuard 32 = 60 bytes
+/// (IPv6: 80). The tunnel MTU is the underlay's minus this.
+pub const OVERHEAD_V4: u32 = 60;
+
+/// The tunnel MTU: the configured one, or the MTU of the pod's `eth0`
+/// (what the CNI gave the pod, at most the underlay's) minus the IPv4
+/// overhead.
+pub fn tunnel_mtu(configured: Option<u16>) -> u32 {
+    if let Some(m) = configured {
+        return u32::from(m);
+    }
+    let underlay = std::fs::read_to_string("/sys/class/net/eth0/mtu")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1500);
+    underlay.saturating_sub(OVERHEAD_V4).max(1280)
+}
+
+/// Where the data path stands, for `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub local_synced: bool,
+    pub published: bool,
+    pub tunnel_up: bool,
+    pub last_apply_ok: bool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.local_synced && self.published && self.tunnel_up && self.last_apply_ok
+    }
+}
+
+/// What the reconcile loop last decided, for the status writer.
+#[derive(Default)]
+struct Decided {
+    mesh: Option<sdn_tunnel_core::Mesh>,
+    inputs: Vec<(String, sdn_tunnel_api::TunnelPeer)>,
+    desired: DesiredState,
+}
+
+/// Resolves the endpoints of the desired peers (names through DNS).
+async fn resolve_peers(desired: &[DesiredPeer]) -> Vec<TunnelPeer> {
+    let mut out = Vec::with_capacity(desired.len());
+    for p in desired {
+        let Ok(public_key) = PublicKey::from_base64(&p.public_key) else {
+            // validate_mesh refused bad keys already; never reached in practice.
+            warn!(peer = %p.public_key, "skipping a peer with an unparsable key");
+            continue;
+        };
+        let endpoint = match &p.endpoint.host {
+            EndpointHost::Ip(ip) => Some(SocketAddr::new(*ip, p.endpoint.port)),
+            EndpointHost::Name(name) => {
+                match tokio::net::lookup_host((name.as_str(), p.endpoint.port)).await {
+                    Ok(mut addrs) => addrs.next(),
+                    Err(e) => {
+                        warn!(peer = %p.public_key, endpoint = %p.endpoint, error = %e, "cannot resolve endpoint");
+                        None
+                    }
+                }
+            }
+        };
+        out.push(TunnelPeer {
+            public_key,
+            endpoint,
+            allowed_ips: p.allowed_ips.clone(),
+            persistent_keepalive: p.persistent_keepalive,
+        });
+    }
+    out
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Result<()> {
+    let (key, created) = PrivateKey::load_or_generate(&cfg.key_file)
+        .with_context(|| format!("private key {}", cfg.key_file.display()))?;
+    let public = key.public_key().to_base64();
+    info!(public_key = %public, created, "WireGuard key ready");
+
+    let client = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?
+        }
+        None => Client::try_default()
+            .await
+            .context("in-cluster Kubernetes configuration")?,
+    };
+
+    let watches = Watches::start(client.clone(), &cfg.namespace);
+    watches.wait_local_synced().await;
+    readiness.send_modify(|r| r.local_synced = true);
+    let cluster = loop {
+        match watches.local_cluster_name() {
+            Ok(c) => break c,
+            Err(e) => {
+                warn!(error = %e, "waiting for the local TunnelCluster");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), watches.changed.notified()).await;
+            }
+        }
+    };
+    let local_peer = publish_with_retry(&client, &cfg, &cluster, &public).await;
+    readiness.send_modify(|r| r.published = true);
+    info!(%cluster, node = %cfg.node_name, endpoint = ?local_peer.endpoints, "TunnelPeer published");
+
+    let mtu = tunnel_mtu(cfg.mtu);
+    let tun = Tun::create(&TunOptions {
+        name: cfg.interface.clone(),
+        mtu: Some(mtu),
+        multi_queue: false,
+        up: true,
+    })
+    .with_context(|| format!("creating TUN device {}", cfg.interface))?;
+    let bind = SocketAddr::new(
+        if cfg.pod_ip.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        },
+        cfg.listen_port,
+    );
+    let udp =
+        bind_udp(bind, cfg.node_netns.as_deref()).with_context(|| format!("binding UDP {bind}"))?;
+    let tunnel = Arc::new(Tunnel::start(
+        Device::new(DeviceConfig::new(key)),
+        tun,
+        udp,
+    )?);
+    readiness.send_modify(|r| r.tunnel_up = true);
+    info!(interface = %cfg.interface, mtu, listen = %tunnel.local_addr(), "data path up");
+
+    let decided = Arc::new(Mutex::new(Decided::default()));
+    let status_task = tokio::spawn(status_loop(
+        client.clone(),
+        cfg.clone(),
+        tunnel.clone(),
+        decided.clone(),
+    ));
+
+    let mut resync = tokio::time::interval(cfg.resync_interval);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        watches.follow_declarations();
+        let ok = reconcile(&watches, &local_peer, &public, &cfg, &tunnel, &decided).await;
+        readiness.send_modify(|r| r.last_apply_ok = ok);
+        tokio::select! {
+            _ = watches.changed.notified() => {
+                // Coalesce bursts of watch events into one reconcile.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = resync.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("shutting down");
+    status_task.abort();
+    Ok(())
+}
+
+async fn publish_with_retry(
+    client: &Client,
+    cfg: &AgentConfig,
+    cluster: &str,
+    public: &str,
+) -> TunnelPeerSpec {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match control::publish_local_peer(client, cfg, cluster, public).await {
+            Ok(p) => return p.spec,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot publish this node's TunnelPeer");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// One pass of watch → snapshot → desired → apply. Returns whether it applied.
+async fn reconcile(
+    watches: &Watches,
+    local_peer: &TunnelPeerSpec,
+    public: &str,
+    cfg: &AgentConfig,
+    tunnel: &Tunnel,
+    decided: &Mutex<Decided>,
+) -> bool {
+    let clusters = watches.clusters();
+    let inputs = watches.remote_peers();
+    let sourced: Vec<SourcedPeer<'_>> = inputs
+        .iter()
+        .map(|(c, p)| SourcedPeer { source: c, peer: p })
+        .collect();
+    let mesh = match validate_mesh(&clusters, &sourced, public) {
+        Ok(m) => m,
+        Err(e) => {
+            // Nothing usable to decide from: keep the data path as it is.
+            warn!(error = %e, "mesh declaration unusable; data path left unchanged");
+            return false;
+        }
+    };
+    for r in &mesh.refusals {
+        warn!(object = %r.object, reason = %r.reason, "{}", r.message);
+    }
+    let desired = match desired_state(&Snapshot {
+        local_peer,
+        mesh: &mesh,
+        persistent_keepalive: cfg.keepalive(),
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "cannot compute the desired state; data path left unchanged");
+            return false;
+        }
+    };
+    let peers = resolve_peers(&desired.peers).await;
+    let failed = tunnel.set_peers(&peers);
+    for (k, why) in &failed {
+        warn!(peer = %k.to_base64(), %why, "peer not configured");
+    }
+    let mut d = decided.lock().unwrap_or_else(|e| e.into_inner());
+    *d = Decided {
+        mesh: Some(mesh),
+        inputs,
+        desired,
+    };
+    failed.is_empty()
+}
+
+async fn status_loop(
+    client: Client,
+    cfg: AgentConfig,
+    tunnel: Arc<Tunnel>,
+    decided: Arc<Mutex<Decided>>,
+) {
+    let mut previous: Option<TunnelPeerStatus> = None;
+    let mut tick = tokio::time::interval(cfg.status_interval);
+    loop {
+        tick.tick().await;
+        let now = Timestamp::now();
+        let observations: BTreeMap<String, PeerObservation> = tunnel
+            .stats()
+            .into_iter()
+            .map(|s| {
+                let last_handshake = s
+                    .last_handshake_age
+                    .and_then(|age| k8s_openapi::jiff::SignedDuration::try_from(age).ok())
+                    .and_then(|age| now.checked_sub(age).ok());
+                (
+                    s.public_key.to_base64(),
+                    PeerObservation {
+                        last_handshake,
+                        rx_bytes: s.rx_bytes,
+                        tx_bytes: s.tx_bytes,
+                        rtt_micros: None,
+                    },
+                )
+            })
+            .collect();
+        let status = {
+            let d = decided.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(mesh) = &d.mesh else { continue };
+            let sourced: Vec<SourcedPeer<'_>> = d
+                .inputs
+                .iter()
+                .map(|(c, p)| SourcedPeer { source: c, peer: p })
+                .collect();
+            let statuses =
+                remote_peer_statuses(mesh, &sourced, &d.desired.peers, &observations, now);
+            own_peer_status(statuses, previous.as_ref(), now)
+        };
+        match control::write_status(&client, &cfg.namespace, &cfg.node_name, status.clone()).await {
+            Ok(()) => previous = Some(status),
+            Err(e) => warn!(error = %e, "cannot write the TunnelPeer status"),
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The `tunnel-agent` library: configuration, the control plane (kube
+//! watches, publishing and status) and the drivers that apply the desired
+//! state; `main.rs` wires them into the binary.
+
+pub mod agent;
+pub mod config;
+pub mod control;
+pub mod drivers;
+pub mod health;
+pub mod tunnel;

@@ -1,0 +1,131 @@
+//! Two clusters × two nodes on real apiservers: the installer's manifests,
+//! agents with the DaemonSet's identity, and a mesh that comes up by itself
+//! from CRDs alone (no static peer config). Needs root, the apiserver build
+//! and `cargo build --workspace --bins` (`make test` does all of it).
+
+// Test code: a panic with its message is how a check reports failure.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use kube::Api;
+use sdn_tunnel_api::{PeerState, TunnelPeer, TunnelPeerSpec};
+use sdn_tunnel_e2e::{
+    install, start_agents, tunnel_peers, wait_mesh_connected, FIELD_MANAGER, NAMESPACE,
+};
+use sdn_tunnel_lab::{Identity, Lab, LabConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
+    let mut cfg = LabConfig::new("e2emesh");
+    cfg.underlay_octet = 96;
+    let mut lab = Lab::up(cfg).await.expect("lab up");
+
+    let installed = install(&lab).await.expect("install");
+    let started = Instant::now();
+    let agents = start_agents(&mut lab, &installed).expect("agents");
+    assert_eq!(agents.len(), 4);
+    let took = match wait_mesh_connected(&lab, Duration::from_secs(90)).await {
+        Ok(t) => t,
+        Err(e) => {
+            for a in &agents {
+                eprintln!(
+                    "--- {}/{}:\n{}",
+                    a.cluster,
+                    a.name,
+                    std::fs::read_to_string(lab.pod_log(&a.cluster, &a.name)).unwrap_or_default()
+                );
+            }
+            panic!("{e:#}");
+        }
+    };
+    println!(
+        "mesh connected {:.1} s after the agents started ({:.1} s waiting)",
+        started.elapsed().as_secs_f64(),
+        took.as_secs_f64()
+    );
+
+    // Every node published its TunnelPeer: own key, node endpoint, node pod CIDR.
+    let peers = tunnel_peers(&lab).await.unwrap();
+    assert_eq!(peers.len(), 4);
+    for plan in lab.config().plan() {
+        for node in &plan.nodes {
+            let (_, p) = peers
+                .iter()
+                .find(|(c, p)| *c == plan.name && p.spec.node == node.name)
+                .unwrap();
+            assert_eq!(p.spec.cluster, plan.name);
+            assert_eq!(
+                p.spec.endpoints,
+                vec![format!("{}:51820", node.underlay_ip)]
+            );
+            assert_eq!(p.spec.pod_cidrs, vec![node.pod_cidr.to_string()]);
+        }
+    }
+    let mut keys: Vec<&str> = peers
+        .iter()
+        .map(|(_, p)| p.spec.public_key.as_str())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 4, "every node has its own key");
+
+    // A hostile TunnelPeer in west claiming east's pod range is refused by
+    // east's agents with a reason, and the rest of the mesh keeps working.
+    let west = lab.client("west", Identity::Admin).await.unwrap();
+    let hostile = TunnelPeer::new(
+        "hostile",
+        TunnelPeerSpec {
+            cluster: "west".into(),
+            node: "hostile".into(),
+            public_key: "aG9zdGlsZS1wZWVyLWtleS1mb3ItZTJlLXRlc3RzISE=".into(),
+            endpoints: vec!["10.96.2.99:51820".into()],
+            pod_cidrs: vec!["10.1.1.0/24".into()],
+            listen_port: 51820,
+            mtu: None,
+        },
+    );
+    Api::<TunnelPeer>::namespaced(west, NAMESPACE)
+        .patch(
+            "hostile",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&hostile),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = tunnel_peers(&lab).await.unwrap();
+        let east_views: Vec<_> = peers
+            .iter()
+            .filter(|(c, _)| c == "east")
+            .filter_map(|(_, p)| p.status.clone())
+            .collect();
+        let refused = east_views.iter().all(|s| {
+            s.peers.iter().any(|r| {
+                r.node == "hostile"
+                    && r.state == PeerState::Rejected
+                    && r.reason.as_deref() == Some("CidrOutsideDeclared")
+            })
+        });
+        let still_connected = east_views.iter().all(|s| {
+            s.peers
+                .iter()
+                .filter(|r| r.cluster == "west" && r.state == PeerState::Connected)
+                .count()
+                == 2
+        });
+        if refused && still_connected && east_views.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hostile peer not refused in time: {east_views:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let report = lab.down().unwrap();
+    assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
+}
