@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use nix::sched::{setns, CloneFlags};
-use sdn_tunnel_datapath::device::{Device, DropCounters, Outcome, PeerConfig, PeerStats};
+use sdn_tunnel_datapath::device::{
+    Device, DropCounters, Outcome, PeerChange, PeerConfig, PeerStats,
+};
 use sdn_tunnel_datapath::io::tun::Tun;
 use sdn_tunnel_datapath::keys::PublicKey;
 use tracing::{debug, info, trace, warn};
@@ -67,6 +69,7 @@ pub struct Tunnel {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
+    udp: Arc<UdpSocket>,
 }
 
 fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
@@ -98,7 +101,7 @@ impl Tunnel {
                 .name("udp-to-tun".into())
                 .spawn(move || udp_to_tun(&d, &s, &t, &u))?,
         );
-        let (d, s, u) = (device.clone(), stop.clone(), udp);
+        let (d, s, u) = (device.clone(), stop.clone(), udp.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("wg-timers".into())
@@ -110,6 +113,7 @@ impl Tunnel {
             stop,
             threads,
             local_addr,
+            udp,
         })
     }
 
@@ -134,13 +138,25 @@ impl Tunnel {
             info!(peer = %k.to_base64(), "peer removed");
         }
         let mut failed = Vec::new();
+        let mut out = vec![0u8; BUF_LEN];
         for p in peers {
             let mut cfg = PeerConfig::new(p.public_key);
             cfg.endpoint = p.endpoint;
             cfg.allowed_ips = p.allowed_ips.clone();
             cfg.persistent_keepalive = p.persistent_keepalive;
             match device.set_peer(cfg) {
-                Ok(change) => debug!(peer = %p.public_key.to_base64(), ?change, "peer configured"),
+                Ok(change) => {
+                    debug!(peer = %p.public_key.to_base64(), ?change, "peer configured");
+                    // Like the kernel with a persistent keepalive: handshake
+                    // now, so the peer is up before traffic needs it.
+                    if change != PeerChange::Updated && p.persistent_keepalive.is_some() {
+                        if let Outcome::Network { to, datagram } =
+                            device.initiate_handshake(&p.public_key, &mut out)
+                        {
+                            send(&self.udp, to, datagram);
+                        }
+                    }
+                }
                 Err(e) => failed.push((p.public_key, e.to_string())),
             }
         }
