@@ -272,8 +272,12 @@ pub struct PeerStats {
     pub tx_packets: u64,
     /// Their UDP payload bytes.
     pub tx_bytes: u64,
-    /// Age of the current session, `None` if there is none.
+    /// Age of the current session, `None` if there is none. Advances with
+    /// [`Device::update_timers`] (boringtun's timers tick there).
     pub last_handshake_age: Option<Duration>,
+    /// Round trip of the last handshake we initiated (millisecond
+    /// resolution), `None` until we have initiated one.
+    pub handshake_rtt: Option<Duration>,
 }
 
 struct Peer {
@@ -336,6 +340,8 @@ pub struct Device {
     by_key: HashMap<PublicKey, u32>,
     allowed_ips: AllowedIps<u32>,
     drops: DropCounters,
+    /// Kept to rebuild the limiter when the private key changes.
+    handshake_rate_limit: u64,
     /// Peers whose boringtun queue may hold packets to send after a
     /// handshake; drained by [`Device::next_queued`].
     to_flush: Vec<u32>,
@@ -365,6 +371,7 @@ impl Device {
             by_key: HashMap::new(),
             allowed_ips: AllowedIps::new(),
             drops: DropCounters::default(),
+            handshake_rate_limit: config.handshake_rate_limit,
             to_flush: Vec::new(),
         }
     }
@@ -372,6 +379,34 @@ impl Device {
     /// Our public key.
     pub fn public_key(&self) -> PublicKey {
         PublicKey::from(self.public)
+    }
+
+    /// Replace our static key (UAPI `private_key=`). Every session is
+    /// cleared, since it was keyed to the old identity; peers keep their
+    /// endpoints, allowed IPs and counters and handshake again on demand.
+    /// A peer whose key equals the new public key is removed, as the kernel
+    /// does (a device cannot be its own peer); returns whether that
+    /// happened. Setting the current key again changes nothing.
+    pub fn set_private_key(&mut self, key: &PrivateKey) -> bool {
+        let private = key.to_static_secret();
+        let public = x25519::PublicKey::from(&private);
+        if public == self.public {
+            return false;
+        }
+        self.rate_limiter = Arc::new(RateLimiter::new(&public, self.handshake_rate_limit));
+        self.verify_only = Arc::new(RateLimiter::new(&public, u64::MAX));
+        self.private = private;
+        self.public = public;
+        let removed_self = self.remove_peer(&PublicKey::from(public));
+        for peer in self.peers.values_mut() {
+            peer.tunn.set_static_private(
+                self.private.clone(),
+                self.public,
+                Some(Arc::clone(&self.verify_only)),
+            );
+        }
+        self.to_flush.clear();
+        removed_self
     }
 
     /// Number of peers.
@@ -504,12 +539,7 @@ impl Device {
     }
 
     fn stats_of(&self, idx: u32, peer: &Peer) -> PeerStats {
-        let allowed_ips = self
-            .allowed_ips
-            .iter()
-            .filter(|(_, owner)| **owner == idx)
-            .map(|(net, _)| net)
-            .collect();
+        let allowed_ips = self.prefixes_of(idx);
         PeerStats {
             public_key: peer.public_key,
             endpoint: peer.endpoint,
@@ -520,7 +550,36 @@ impl Device {
             tx_packets: peer.tx_packets,
             tx_bytes: peer.tx_bytes,
             last_handshake_age: peer.tunn.time_since_last_handshake(),
+            handshake_rtt: peer
+                .tunn
+                .stats()
+                .4
+                .map(|ms| Duration::from_millis(u64::from(ms))),
         }
+    }
+
+    /// The configuration a peer has now: allowed IPs as the table holds
+    /// them (prefixes may have moved to other peers), the current endpoint
+    /// (possibly learned by roaming). Feeding it back to [`Device::set_peer`]
+    /// changes nothing; UAPI `get`/`set` build on it.
+    pub fn peer_config(&self, key: &PublicKey) -> Option<PeerConfig> {
+        let idx = *self.by_key.get(key)?;
+        let peer = self.peers.get(&idx)?;
+        Some(PeerConfig {
+            public_key: peer.public_key,
+            preshared_key: peer.preshared_key,
+            endpoint: peer.endpoint,
+            allowed_ips: self.prefixes_of(idx),
+            persistent_keepalive: peer.persistent_keepalive,
+        })
+    }
+
+    fn prefixes_of(&self, idx: u32) -> Vec<IpNet> {
+        self.allowed_ips
+            .iter()
+            .filter(|(_, owner)| **owner == idx)
+            .map(|(net, _)| net)
+            .collect()
     }
 
     /// Snapshot of one peer.

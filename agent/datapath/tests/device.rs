@@ -443,3 +443,89 @@ fn device_can_move_between_threads() {
     fn assert_send<T: Send>() {}
     assert_send::<sdn_tunnel_datapath::Device>();
 }
+
+#[test]
+fn peer_config_round_trips_through_set_peer() {
+    let mut lab = Lab::pair(Some(7));
+    establish(&mut lab);
+    let b_key = lab.nodes[1].public();
+    let mut cfg = lab.nodes[0].dev.peer_config(&b_key).unwrap();
+    assert_eq!(cfg.public_key, b_key);
+    assert_eq!(cfg.endpoint, Some(lab.nodes[1].addr));
+    assert_eq!(cfg.allowed_ips, nets(&["10.2.0.0/16", "fd02::/64"]));
+    assert_eq!(cfg.persistent_keepalive, Some(7));
+    assert_eq!(cfg.preshared_key, None);
+    assert_eq!(
+        lab.nodes[0].dev.set_peer(cfg.clone()),
+        Ok(PeerChange::Updated)
+    );
+    // The UAPI pattern: read, add one prefix, write back.
+    cfg.allowed_ips.push("10.20.0.0/16".parse().unwrap());
+    lab.nodes[0].dev.set_peer(cfg.clone()).unwrap();
+    let again = lab.nodes[0].dev.peer_config(&b_key).unwrap();
+    assert_eq!(
+        again.allowed_ips,
+        nets(&["10.2.0.0/16", "10.20.0.0/16", "fd02::/64"])
+    );
+    let stats = lab.nodes[0].dev.peer_stats(&b_key).unwrap();
+    assert!(stats.handshake_rtt.is_some(), "A initiated: rtt known");
+    assert!(lab.nodes[0]
+        .dev
+        .peer_config(&PrivateKey::generate().public_key())
+        .is_none());
+}
+
+#[test]
+fn preshared_key_must_match_on_both_sides() {
+    let mut lab = Lab::pair(None);
+    let psk = [9u8; 32];
+    for (i, j) in [(0, 1), (1, 0)] {
+        let other = lab.nodes[j].public();
+        let mut cfg = lab.nodes[i].dev.peer_config(&other).unwrap();
+        cfg.preshared_key = Some(psk);
+        assert_eq!(lab.nodes[i].dev.set_peer(cfg), Ok(PeerChange::Recreated));
+    }
+    establish(&mut lab);
+    // A PSK mismatch: A changes its PSK, so its next handshake fails at B.
+    let b_key = lab.nodes[1].public();
+    let mut cfg = lab.nodes[0].dev.peer_config(&b_key).unwrap();
+    cfg.preshared_key = Some([8u8; 32]);
+    lab.nodes[0].dev.set_peer(cfg).unwrap();
+    let p = ipv4_packet(v4("10.1.0.5"), v4("10.2.0.7"), b"x");
+    lab.send(0, &p);
+    assert!(lab.nodes[1].tun.is_empty());
+    // B answers the initiation (it cannot see the PSK yet); A cannot
+    // decrypt the response.
+    assert_eq!(lab.nodes[0].drops, vec![DropReason::DecryptFailed]);
+}
+
+#[test]
+fn changing_the_private_key_resets_sessions_and_identity() {
+    let mut lab = Lab::pair(None);
+    establish(&mut lab);
+    let new_key = PrivateKey::generate();
+    let b_key = lab.nodes[1].public();
+    let old_a = lab.nodes[0].public();
+    assert!(!lab.nodes[0].dev.set_private_key(&new_key));
+    assert_eq!(lab.nodes[0].dev.public_key(), new_key.public_key());
+    lab.nodes[0].key = new_key.clone();
+    // Peer kept, session gone.
+    let st = lab.nodes[0].dev.peer_stats(&b_key).unwrap();
+    assert_eq!(st.last_handshake_age, None);
+    // B still expects the old key: A's new initiations are refused.
+    let p = ipv4_packet(v4("10.1.0.5"), v4("10.2.0.7"), b"x");
+    lab.send(0, &p);
+    assert!(lab.nodes[1].tun.is_empty());
+    assert_eq!(lab.nodes[1].drops, vec![DropReason::UnknownPeer]);
+    // Once B learns A's new key, they talk again.
+    assert!(lab.nodes[1].dev.remove_peer(&old_a));
+    let cfg = peer_cfg(&lab.nodes[0], &["10.1.0.0/16"], None);
+    lab.nodes[1].dev.set_peer(cfg).unwrap();
+    let q = ipv4_packet(v4("10.2.0.7"), v4("10.1.0.5"), b"y");
+    lab.send(1, &q);
+    assert_eq!(lab.nodes[0].tun, vec![q]);
+    // Taking a peer's key as our own removes that peer.
+    let b_private = lab.nodes[1].key.clone();
+    assert!(lab.nodes[0].dev.set_private_key(&b_private));
+    assert_eq!(lab.nodes[0].dev.peer_count(), 0);
+}
