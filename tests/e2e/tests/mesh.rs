@@ -12,7 +12,8 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use sdn_tunnel_api::{PeerState, TunnelPeer, TunnelPeerSpec};
 use sdn_tunnel_e2e::{
-    install, start_agents, tunnel_peers, wait_mesh_connected, FIELD_MANAGER, NAMESPACE,
+    install, start_agents, tunnel_peers, wait_mesh_connected, workspace_binary, FIELD_MANAGER,
+    NAMESPACE,
 };
 use sdn_tunnel_lab::{Identity, Lab, LabConfig};
 
@@ -71,6 +72,42 @@ async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
     keys.dedup();
     assert_eq!(keys.len(), 4, "every node has its own key");
 
+    // `tunctl peers` sees all 4 x 2 tunnels connected, through both apiservers.
+    let tunctl = workspace_binary("tunctl").unwrap();
+    let kubeconfig = lab.merged_kubeconfig();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&tunctl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--all-contexts", "peers", "--check"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    assert!(
+        out.status.success(),
+        "tunctl peers --check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains("Connected")).count(),
+        8,
+        "{table}"
+    );
+    let out = run(&["--all-contexts", "peers", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 8);
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "Connected" && r["rxBytes"].as_i64().unwrap() > 0),
+        "{rows:#?}"
+    );
+    let out = run(&["--context", "nowhere", "peers"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no context \"nowhere\""));
+
     // A hostile TunnelPeer in west claiming east's pod range is refused by
     // east's agents with a reason, and the rest of the mesh keeps working.
     let west = lab.client("west", Identity::Admin).await.unwrap();
@@ -125,6 +162,11 @@ async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // ... and `tunctl peers --check` now fails, naming the reason.
+    let out = run(&["--all-contexts", "peers", "--check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Rejected (CidrOutsideDeclared)"));
 
     let report = lab.down().unwrap();
     assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
