@@ -32,10 +32,10 @@ pub(crate) struct TestNetns {
 }
 
 impl TestNetns {
-    /// Creates a namespace named `sdnt-<pid>-<n>-<tag>` with `lo` up.
+    /// Creates a namespace named `sdnio-<pid>-<n>-<tag>` with `lo` up.
     pub(crate) fn new(tag: &str) -> TestNetns {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("sdnt-{}-{n}-{tag}", std::process::id());
+        let name = format!("sdnio-{}-{n}-{tag}", std::process::id());
         run("ip", &["netns", "add", &name]);
         let ns = TestNetns { name };
         ns.ip(&["link", "set", "lo", "up"]);

@@ -1,0 +1,611 @@
+//! The node/pod plumbing drivers against a real kernel, in network namespaces
+//! each test creates for itself (`sdnt-drv-<test>-<pid>`) and removes in a
+//! `Drop` guard, also when the test panics. Needs root (as `make test` runs).
+//! Traffic only flows between namespaces made here.
+
+// Helpers shared by the tests panic on setup failures on purpose.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use sdn_tunnel_agent::drivers::netlink::{
+    NextHop, Route, RouteDriver, RouteEvents, ROUTE_PROTOCOL,
+};
+use sdn_tunnel_agent::drivers::netns::{in_netns, read_sysctl, set_rp_filter_loose, write_sysctl};
+use sdn_tunnel_agent::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
+use serde_json::{json, Value};
+
+/// A network namespace owned by one test.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(test: &str, role: &str) -> Self {
+        let name = format!("sdnt-drv-{test}-{role}-{}", std::process::id());
+        // A leftover of a crashed earlier run with the same pid is ours too.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    fn our_routes(&self, family: &str) -> String {
+        let proto = ROUTE_PROTOCOL.to_string();
+        self.ip(&[family, "route", "show", "table", "all", "proto", &proto])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// A veth pair with one end in each namespace, created directly there (never
+/// in the test runner's namespace, so parallel tests cannot collide).
+fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
+    a.ip(&[
+        "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
+    ]);
+    a.ip(&["link", "set", a_name, "up"]);
+    b.ip(&["link", "set", b_name, "up"]);
+}
+
+/// kubenet-style node with a `cbr0` bridge, and an agent pod on it whose
+/// `eth0` is 10.1.1.2 and whose tunnel device `wg0` is a veth end (a TUN
+/// without a process would do as well; routes only need the device).
+struct NodeAndPod {
+    node: Netns,
+    pod: Netns,
+}
+
+fn node_and_pod(test: &str) -> NodeAndPod {
+    let node = Netns::new(test, "node");
+    let pod = Netns::new(test, "pod");
+    node.ip(&["link", "add", "cbr0", "type", "bridge"]);
+    node.ip(&["addr", "add", "10.1.1.1/24", "dev", "cbr0"]);
+    node.ip(&["link", "set", "cbr0", "up"]);
+    veth(&node, "vagent", &pod, "eth0");
+    node.ip(&["link", "set", "vagent", "master", "cbr0"]);
+    pod.ip(&["addr", "add", "10.1.1.2/24", "dev", "eth0"]);
+    pod.ip(&["route", "add", "default", "via", "10.1.1.1"]);
+    for dev in ["wg0", "wg1"] {
+        let peer = format!("{dev}p");
+        pod.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+        pod.ip(&["link", "set", dev, "up"]);
+        pod.ip(&["link", "set", &peer, "up"]);
+    }
+    NodeAndPod { node, pod }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
+    let t = node_and_pod("podrt");
+    let driver = RouteDriver::open(Some(&t.pod.path())).await.unwrap();
+    let wg0 = driver.link_index("wg0").await.unwrap();
+    let wg1 = driver.link_index("wg1").await.unwrap();
+    assert!(driver.link_index("nonexistent0").await.is_err());
+
+    // A foreign route to one of our destinations, already there, in
+    // another metric; and one with our exact key in IPv4 (appended).
+    t.pod.ip(&[
+        "route",
+        "add",
+        "10.2.0.0/16",
+        "dev",
+        "wg1",
+        "metric",
+        "50",
+        "proto",
+        "static",
+    ]);
+    t.pod.ip(&[
+        "route",
+        "append",
+        "10.102.0.0/16",
+        "dev",
+        "wg1",
+        "proto",
+        "static",
+    ]);
+    let foreign_before = t.pod.ip(&["route", "show", "table", "all"]);
+
+    let desired = vec![
+        Route::dev(net("10.2.0.0/16"), wg0),
+        Route::dev(net("10.102.0.0/16"), wg0),
+        Route::dev(net("fd00:2::/48"), wg0),
+    ];
+    let report = driver.apply(&desired).await.unwrap();
+    assert_eq!(report.added.len(), 3, "{report:?}");
+    // The foreign 10.102.0.0/16 (same table, dst and metric) comes first.
+    assert_eq!(report.shadowed, vec![desired[1]], "{report:?}");
+    let v4 = t.pod.our_routes("-4");
+    assert!(v4.contains("10.2.0.0/16 dev wg0"), "{v4}");
+    assert!(v4.contains("10.102.0.0/16 dev wg0"), "{v4}");
+    let v6 = t.pod.our_routes("-6");
+    assert!(v6.contains("fd00:2::/48 dev wg0"), "{v6}");
+
+    // Idempotent: a second apply changes nothing.
+    let again = driver.apply(&desired).await.unwrap();
+    assert!(!again.changed(), "{again:?}");
+
+    // Drift: someone deletes one of ours; the event stream sees it and the
+    // next apply restores exactly that one.
+    let mut events = RouteEvents::subscribe(Some(&t.pod.path())).await.unwrap();
+    t.pod
+        .ip(&["route", "del", "10.2.0.0/16", "dev", "wg0", "proto", "0x5d"]);
+    assert_eq!(ROUTE_PROTOCOL, 0x5d);
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let e = events.next().await.expect("event stream ended");
+            if e.removed && e.ours {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("no route deletion event");
+    assert_eq!(event.dst, Some(net("10.2.0.0/16")));
+    let repaired = driver.apply(&desired).await.unwrap();
+    assert_eq!(repaired.added, vec![desired[0]]);
+    assert!(t.pod.our_routes("-4").contains("10.2.0.0/16 dev wg0"));
+
+    // A changed next hop is replaced, not duplicated.
+    let moved = vec![Route::dev(net("10.2.0.0/16"), wg1), desired[1], desired[2]];
+    let report = driver.apply(&moved).await.unwrap();
+    assert_eq!(report.replaced, vec![moved[0]]);
+    let v4 = t.pod.our_routes("-4");
+    assert!(
+        v4.contains("10.2.0.0/16 dev wg1") && !v4.contains("10.2.0.0/16 dev wg0"),
+        "{v4}"
+    );
+
+    // Clean shutdown: only our routes go; the foreign ones are exactly as before.
+    let removed = driver.remove_all().await.unwrap();
+    assert_eq!(removed, 3);
+    assert_eq!(t.pod.our_routes("-4").trim(), "");
+    assert_eq!(t.pod.our_routes("-6").trim(), "");
+    assert_eq!(t.pod.ip(&["route", "show", "table", "all"]), foreign_before);
+    let left = t.pod.ip(&["route", "show", "10.102.0.0/16"]);
+    assert!(
+        left.contains("10.102.0.0/16 dev wg1 proto static"),
+        "{left}"
+    );
+    assert!(driver.remove_all().await.unwrap() == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_routes_via_agent_pod_resolve_the_bridge() {
+    let t = node_and_pod("nodebr");
+    let driver = RouteDriver::open(Some(&t.node.path())).await.unwrap();
+    let cbr0 = driver.link_index("cbr0").await.unwrap();
+    let hop = driver
+        .resolve_next_hop("10.1.1.2".parse().unwrap())
+        .await
+        .unwrap();
+    // Reached through the bridge's connected /24 (scope link): no onlink.
+    assert_eq!(
+        hop,
+        NextHop::Via {
+            gateway: "10.1.1.2".parse().unwrap(),
+            oif: cbr0,
+            onlink: false
+        }
+    );
+    // Our own address is not a next hop; an unrouted one is not either.
+    assert!(driver
+        .resolve_next_hop("10.1.1.1".parse().unwrap())
+        .await
+        .is_err());
+    assert!(driver
+        .resolve_next_hop("10.77.0.1".parse().unwrap())
+        .await
+        .is_err());
+
+    let desired = vec![
+        Route::via(net("10.2.0.0/16"), hop),
+        Route::via(net("10.102.0.0/16"), hop),
+    ];
+    // Give the agent pod a "remote" address: unreachable from the node
+    // until our routes exist.
+    t.pod.ip(&["addr", "add", "10.2.3.4/32", "dev", "lo"]);
+    assert_eq!(udp_probe(&t.node, &t.pod, "10.2.3.4"), None);
+    assert_eq!(driver.apply(&desired).await.unwrap().added.len(), 2);
+    let got = t.node.ip(&["route", "get", "10.2.3.4"]);
+    assert!(got.contains("via 10.1.1.2 dev cbr0"), "{got}");
+    assert!(!driver.apply(&desired).await.unwrap().changed());
+    // Traffic really goes there, with the node's cbr0 address as source.
+    let (src, _) = udp_probe(&t.node, &t.pod, "10.2.3.4").expect("not delivered");
+    assert_eq!(src, "10.1.1.1".parse::<IpAddr>().unwrap());
+    assert_eq!(driver.remove_all().await.unwrap(), 2);
+    assert_eq!(t.node.our_routes("-4").trim(), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_routes_via_ptp_veth_need_onlink() {
+    // kindnet / CNI ptp: the node has no subnet route to the pod, only a
+    // host-scope /32 on the pod's veth. Without onlink the kernel accepts
+    // `via` but resolves the next hop with host scope and silently ignores
+    // the gateway (it would ARP for the final destination).
+    let node = Netns::new("ptp", "node");
+    let pod = Netns::new("ptp", "pod");
+    veth(&node, "veth1234", &pod, "eth0");
+    node.ip(&["addr", "add", "10.244.1.1/32", "dev", "veth1234"]);
+    node.ip(&[
+        "route",
+        "add",
+        "10.244.1.5/32",
+        "dev",
+        "veth1234",
+        "scope",
+        "host",
+    ]);
+    pod.ip(&["addr", "add", "10.244.1.5/24", "dev", "eth0"]);
+
+    let driver = RouteDriver::open(Some(&node.path())).await.unwrap();
+    let veth = driver.link_index("veth1234").await.unwrap();
+    let hop = driver
+        .resolve_next_hop("10.244.1.5".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        hop,
+        NextHop::Via {
+            gateway: "10.244.1.5".parse().unwrap(),
+            oif: veth,
+            onlink: true
+        }
+    );
+    let desired = vec![Route::via(net("10.2.0.0/16"), hop)];
+    assert_eq!(driver.apply(&desired).await.unwrap().added.len(), 1);
+    let got = node.ip(&["route", "get", "10.2.3.4"]);
+    assert!(got.contains("via 10.244.1.5 dev veth1234"), "{got}");
+    let ours = node.our_routes("-4");
+    assert!(ours.contains("onlink"), "{ours}");
+    assert!(
+        !driver.apply(&desired).await.unwrap().changed(),
+        "onlink must read back equal"
+    );
+    pod.ip(&["addr", "add", "10.2.3.4/32", "dev", "lo"]);
+    let (src, _) = udp_probe(&node, &pod, "10.2.3.4").expect("not delivered");
+    assert_eq!(src, "10.244.1.1".parse::<IpAddr>().unwrap());
+    assert_eq!(driver.remove_all().await.unwrap(), 1);
+}
+
+#[test]
+fn rp_filter_loose_lands_in_the_target_namespace_only() {
+    let t = node_and_pod("rpf");
+    let node = t.node.path();
+    let host_all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap();
+    write_sysctl(Some(&node), "net.ipv4.conf.all.rp_filter", "1").unwrap();
+    write_sysctl(Some(&node), "net.ipv4.conf.cbr0.rp_filter", "1").unwrap();
+    set_rp_filter_loose(Some(&node), &["cbr0", "vagent"]).unwrap();
+    // What the namespace itself sees (through a process in it, not our helper).
+    assert_eq!(
+        t.node
+            .exec(&["sysctl", "-n", "net.ipv4.conf.cbr0.rp_filter"])
+            .trim(),
+        "2"
+    );
+    assert_eq!(
+        t.node
+            .exec(&["sysctl", "-n", "net.ipv4.conf.vagent.rp_filter"])
+            .trim(),
+        "2"
+    );
+    assert_eq!(
+        t.node
+            .exec(&["sysctl", "-n", "net.ipv4.conf.all.rp_filter"])
+            .trim(),
+        "2"
+    );
+    // The pod namespace and the test's own are untouched.
+    assert_eq!(
+        read_sysctl(Some(&node), "net.ipv4.conf.cbr0.rp_filter").unwrap(),
+        "2"
+    );
+    assert!(
+        read_sysctl(Some(&t.pod.path()), "net.ipv4.conf.cbr0.rp_filter").is_err(),
+        "cbr0 exists only in the node namespace"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap(),
+        host_all
+    );
+}
+
+fn rules_of(listing: &Value) -> Vec<&Value> {
+    listing["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_table_mss_clamp_replaced_atomically_and_removed() {
+    let t = node_and_pod("nftpod");
+    // Someone else's table in the same namespace.
+    t.pod.exec(&["nft", "add table inet someone_else; add chain inet someone_else c { type filter hook forward priority 0; }; add rule inet someone_else c counter"]);
+    let foreign = t
+        .pod
+        .exec(&["nft", "list", "table", "inet", "someone_else"]);
+
+    let nft = NftDriver::new(Some(&t.pod.path()));
+    assert!(nft.list_table(POD_TABLE).await.unwrap().is_none());
+    nft.apply_pod(&PodRules {
+        tunnel_interface: "wg0".into(),
+    })
+    .await
+    .unwrap();
+    let text = t.pod.exec(&["nft", "list", "table", "inet", POD_TABLE]);
+    assert!(
+        text.contains("oifname \"wg0\" tcp flags syn tcp option maxseg size set rt mtu"),
+        "{text}"
+    );
+    assert!(text.contains("hook forward"), "{text}");
+
+    // Replaced, not appended to.
+    nft.apply_pod(&PodRules {
+        tunnel_interface: "wg1".into(),
+    })
+    .await
+    .unwrap();
+    let listing = nft.list_table(POD_TABLE).await.unwrap().unwrap();
+    let rules = rules_of(&listing);
+    assert_eq!(rules.len(), 1, "{listing}");
+    assert_eq!(rules[0]["expr"][0]["match"]["right"], "wg1");
+
+    // All or nothing: a batch that fails half-way (a rule naming a set that
+    // does not exist) leaves the previous table exactly as it was, although
+    // the batch started by deleting it.
+    let before = t.pod.exec(&["nft", "list", "table", "inet", POD_TABLE]);
+    let bad = vec![
+        json!({"chain": {"family": "inet", "table": POD_TABLE, "name": "x", "type": "filter", "hook": "forward", "prio": 0}}),
+        json!({"rule": {"family": "inet", "table": POD_TABLE, "chain": "x", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@missing"}},
+            {"accept": null}
+        ]}}),
+    ];
+    assert!(nft.replace_table(POD_TABLE, &bad).await.is_err());
+    assert_eq!(
+        t.pod.exec(&["nft", "list", "table", "inet", POD_TABLE]),
+        before
+    );
+
+    nft.remove_table(POD_TABLE).await.unwrap();
+    assert!(nft.list_table(POD_TABLE).await.unwrap().is_none());
+    nft.remove_table(POD_TABLE).await.unwrap(); // absent: still fine
+    assert_eq!(
+        t.pod
+            .exec(&["nft", "list", "table", "inet", "someone_else"]),
+        foreign
+    );
+}
+
+/// Sends UDP from a socket in `from` to a socket bound on `dst` in `to`;
+/// returns the source (address, client port) the receiver saw, or `None` if
+/// nothing arrived (or the sender had no route) after a few tries.
+fn udp_probe(from: &Netns, to: &Netns, dst: &str) -> Option<(IpAddr, u16)> {
+    let dst: IpAddr = dst.parse().unwrap();
+    let receiver = in_netns(Some(&to.path()), move || UdpSocket::bind((dst, 0)))
+        .unwrap()
+        .unwrap();
+    let port = receiver.local_addr().unwrap().port();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let sender = in_netns(Some(&from.path()), || UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    let sport = sender.local_addr().unwrap().port();
+    let mut buf = [0u8; 64];
+    for _ in 0..10 {
+        if sender.send_to(b"sdnt", SocketAddr::new(dst, port)).is_err() {
+            return None;
+        }
+        if let Ok((n, from)) = receiver.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"sdnt");
+            assert_eq!(from.port(), sport);
+            return Some((from.ip(), sport));
+        }
+    }
+    None
+}
+
+/// A node whose pods are masqueraded when they leave through `eth0`, with a
+/// peer namespace behind `eth0` holding a "remote cluster" address
+/// (10.2.0.9) and an "outside" address (192.0.2.9).
+struct MasqLab {
+    node: Netns,
+    client: Netns,
+    ext: Netns,
+}
+
+fn masq_lab(test: &str) -> MasqLab {
+    let node = Netns::new(test, "node");
+    let client = Netns::new(test, "cli");
+    let ext = Netns::new(test, "ext");
+    node.ip(&["link", "add", "cbr0", "type", "bridge"]);
+    node.ip(&["addr", "add", "10.1.1.1/24", "dev", "cbr0"]);
+    node.ip(&["link", "set", "cbr0", "up"]);
+    veth(&node, "vcli", &client, "eth0");
+    node.ip(&["link", "set", "vcli", "master", "cbr0"]);
+    client.ip(&["addr", "add", "10.1.1.5/24", "dev", "eth0"]);
+    client.ip(&["route", "add", "default", "via", "10.1.1.1"]);
+    veth(&node, "eth0", &ext, "up0");
+    node.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    ext.ip(&["addr", "add", "10.99.0.2/24", "dev", "up0"]);
+    ext.ip(&["addr", "add", "10.2.0.9/32", "dev", "lo"]);
+    ext.ip(&["addr", "add", "192.0.2.9/32", "dev", "lo"]);
+    ext.ip(&["route", "add", "10.1.0.0/16", "via", "10.99.0.1"]);
+    node.ip(&["route", "add", "10.2.0.0/16", "via", "10.99.0.2"]);
+    node.ip(&["route", "add", "192.0.2.0/24", "via", "10.99.0.2"]);
+    write_sysctl(Some(&node.path()), "net.ipv4.ip_forward", "1").unwrap();
+    MasqLab { node, client, ext }
+}
+
+impl MasqLab {
+    /// Sends UDP from the client pod to `dst` (a fresh socket, so a fresh
+    /// conntrack entry) and returns the source address the receiver in the
+    /// peer namespace saw, and the client's source port.
+    fn observed_source(&self, dst: &str) -> (IpAddr, u16) {
+        udp_probe(&self.client, &self.ext, dst)
+            .unwrap_or_else(|| panic!("nothing arrived at {dst}"))
+    }
+
+    fn conntrack_line(&self, sport: u16) -> String {
+        // (`thread-self`: /proc/self/net would be the main thread's namespace.)
+        let ct = in_netns(Some(&self.node.path()), || {
+            std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
+        })
+        .unwrap()
+        .expect("nf_conntrack proc file");
+        let needle = format!("sport={sport} ");
+        ct.lines()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("no conntrack entry with {needle}:\n{ct}"))
+            .to_string()
+    }
+
+    fn check_exemption(&self) {
+        let pod: IpAddr = "10.1.1.5".parse().unwrap();
+        let node: IpAddr = "10.99.0.1".parse().unwrap();
+        // Without our table the node masquerades both (the test can fail).
+        assert_eq!(self.observed_source("10.2.0.9").0, node);
+        assert_eq!(self.observed_source("192.0.2.9").0, node);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let nft = NftDriver::new(Some(&self.node.path()));
+        let rules = NodeRules {
+            remote_cidrs: vec![net("10.2.0.0/16"), net("10.102.0.0/16")],
+        };
+        rt.block_on(nft.apply_node(&rules)).unwrap();
+        // Remote cluster keeps the pod source; everything else is still masqueraded.
+        let (src, exempt_port) = self.observed_source("10.2.0.9");
+        assert_eq!(src, pod);
+        let (src, masq_port) = self.observed_source("192.0.2.9");
+        assert_eq!(src, node);
+        // conntrack agrees: the exempt flow has a NAT binding that maps the
+        // source to itself (replies go to the pod IP), the other one to the
+        // node's address.
+        let flow = self.conntrack_line(exempt_port);
+        assert!(flow.contains("src=10.1.1.5 dst=10.2.0.9"), "{flow}");
+        assert!(
+            flow.contains("src=10.2.0.9 dst=10.1.1.5"),
+            "reply not to the pod IP: {flow}"
+        );
+        let flow = self.conntrack_line(masq_port);
+        assert!(
+            flow.contains("src=192.0.2.9 dst=10.99.0.1"),
+            "not masqueraded: {flow}"
+        );
+        // Replacing the table (same content) keeps it working; removing it
+        // brings masquerade back for new flows.
+        rt.block_on(nft.apply_node(&rules)).unwrap();
+        assert_eq!(self.observed_source("10.2.0.9").0, pod);
+        rt.block_on(nft.remove_table(NODE_TABLE)).unwrap();
+        assert_eq!(self.observed_source("10.2.0.9").0, node);
+    }
+}
+
+#[test]
+fn masquerade_exemption_beats_the_lab_nft_masquerade_rule() {
+    let lab = masq_lab("masqnft");
+    // The lab's node rule, verbatim (tests/lab: NODE_NAT_TABLE).
+    lab.node.exec(&["nft", "add table ip lab_node_nat; add chain ip lab_node_nat postrouting { type nat hook postrouting priority srcnat; policy accept; }; add rule ip lab_node_nat postrouting ip saddr 10.1.0.0/16 ip daddr != 10.1.0.0/16 oifname \"eth0\" masquerade"]);
+    let theirs = lab
+        .node
+        .exec(&["nft", "list", "table", "ip", "lab_node_nat"]);
+    lab.check_exemption();
+    assert_eq!(
+        lab.node
+            .exec(&["nft", "list", "table", "ip", "lab_node_nat"]),
+        theirs
+    );
+}
+
+#[test]
+fn masquerade_exemption_beats_an_iptables_nft_masquerade() {
+    let lab = masq_lab("masqipt");
+    // ip-masq-agent / kindnet (iptables mode) style.
+    lab.node.exec(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "10.1.0.0/16",
+        "!",
+        "-d",
+        "10.1.0.0/16",
+        "-j",
+        "MASQUERADE",
+    ]);
+    lab.check_exemption();
+    let rules = lab
+        .node
+        .exec(&["iptables-nft", "-t", "nat", "-S", "POSTROUTING"]);
+    assert!(rules.contains("-j MASQUERADE"), "{rules}");
+}
+
+#[test]
+fn our_namespaces_are_gone_after_drop() {
+    let name = {
+        let ns = Netns::new("drop", "x");
+        ns.name.clone()
+    };
+    let list = sh(&["ip", "netns", "list"]);
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name.as_str())),
+        "{list}"
+    );
+}
