@@ -425,6 +425,73 @@ async fn pod_table_mss_clamp_replaced_atomically_and_removed() {
     );
 }
 
+/// The MSS a TCP server in `server` ends up with for a connection from a
+/// client in `client` to `dst` (what the client's SYN advertised, after
+/// whatever the path did to it, minus TCP options).
+fn server_side_mss(client: &Netns, server: &Netns, dst: &str) -> u32 {
+    use nix::sys::socket::{getsockopt, sockopt::TcpMaxSeg};
+    use std::net::{TcpListener, TcpStream};
+    let dst: IpAddr = dst.parse().unwrap();
+    let listener = in_netns(Some(&server.path()), move || TcpListener::bind((dst, 0)))
+        .unwrap()
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stream = in_netns(Some(&client.path()), move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })
+    .unwrap()
+    .unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    let mss = getsockopt(&accepted, TcpMaxSeg).unwrap();
+    drop(stream);
+    mss
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mss_clamp_rewrites_syns_routed_into_the_tunnel() {
+    // client --eth0--> agent pod (forwards) --wg0 (MTU 1280)--> remote.
+    let client = Netns::new("mss", "cli");
+    let pod = Netns::new("mss", "pod");
+    let remote = Netns::new("mss", "rem");
+    veth(&client, "eth0", &pod, "eth0");
+    client.ip(&["addr", "add", "10.1.1.5/24", "dev", "eth0"]);
+    client.ip(&["route", "add", "default", "via", "10.1.1.1"]);
+    pod.ip(&["addr", "add", "10.1.1.1/24", "dev", "eth0"]);
+    veth(&pod, "wg0", &remote, "rwg");
+    pod.ip(&["link", "set", "wg0", "mtu", "1280"]);
+    pod.ip(&["addr", "add", "192.168.77.1/30", "dev", "wg0"]);
+    remote.ip(&["addr", "add", "192.168.77.2/30", "dev", "rwg"]);
+    remote.ip(&["addr", "add", "10.2.0.9/32", "dev", "lo"]);
+    remote.ip(&["route", "add", "10.1.0.0/16", "via", "192.168.77.1"]);
+    pod.ip(&[
+        "route",
+        "add",
+        "10.2.0.0/16",
+        "via",
+        "192.168.77.2",
+        "dev",
+        "wg0",
+    ]);
+    write_sysctl(Some(&pod.path()), "net.ipv4.ip_forward", "1").unwrap();
+
+    // Without the clamp the server sees the client's 1500-byte-MTU MSS.
+    let unclamped = server_side_mss(&client, &remote, "10.2.0.9");
+    assert!(unclamped > 1400, "baseline MSS {unclamped}");
+
+    let nft = NftDriver::new(Some(&pod.path()));
+    nft.apply_pod(&PodRules {
+        tunnel_interface: "wg0".into(),
+    })
+    .await
+    .unwrap();
+    let clamped = server_side_mss(&client, &remote, "10.2.0.9");
+    // rt mtu = 1280 - 40 = 1240 advertised; the server subtracts options.
+    assert!(clamped <= 1240 && clamped > 1100, "clamped MSS {clamped}");
+
+    nft.remove_table(POD_TABLE).await.unwrap();
+    assert_eq!(server_side_mss(&client, &remote, "10.2.0.9"), unclamped);
+}
+
 /// Sends UDP from a socket in `from` to a socket bound on `dst` in `to`;
 /// returns the source (address, client port) the receiver saw, or `None` if
 /// nothing arrived (or the sender had no route) after a few tries.
