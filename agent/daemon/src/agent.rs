@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ipnet::IpNet;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use sdn_tunnel_api::{EndpointHost, TunnelPeerSpec, TunnelPeerStatus};
@@ -22,6 +23,9 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::control::{self, Watches};
+use crate::drivers::netlink::{Route, RouteDriver, RouteEvents};
+use crate::drivers::netns::{set_rp_filter_loose, write_sysctl};
+use crate::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
 use crate::tunnel::{bind_udp, Tunnel, TunnelPeer};
 
 /// WireGuard's outer headers: IPv4 20 + UDP 8 + WireGuard 32 = 60 bytes
@@ -63,6 +67,104 @@ struct Decided {
     mesh: Option<sdn_tunnel_core::Mesh>,
     inputs: Vec<(String, sdn_tunnel_api::TunnelPeer)>,
     desired: DesiredState,
+}
+
+/// Routes and nftables in the pod namespace and (when the agent has one)
+/// the node namespace: everything the agent installs outside the tunnel.
+struct Plumbing {
+    interface: String,
+    pod_ip: IpAddr,
+    pod_routes: RouteDriver,
+    pod_nft: NftDriver,
+    node: Option<(RouteDriver, NftDriver)>,
+}
+
+impl Plumbing {
+    async fn open(cfg: &AgentConfig) -> Result<Plumbing> {
+        let node_netns = cfg.node_netns.as_deref();
+        let node = match node_netns {
+            Some(ns) => Some((RouteDriver::open(Some(ns)).await?, NftDriver::new(Some(ns)))),
+            None => None,
+        };
+        // The agent pod routes between the node and the tunnel.
+        write_sysctl(None, "net.ipv4.ip_forward", "1")?;
+        if let Err(e) = write_sysctl(None, "net.ipv6.conf.all.forwarding", "1") {
+            warn!(error = %e, "IPv6 forwarding not enabled (IPv6 disabled?)");
+        }
+        // Cross-cluster packets arrive with remote pod sources: loose
+        // reverse-path filtering keeps them from being dropped.
+        set_rp_filter_loose(None, &[cfg.interface.as_str(), "eth0"])?;
+        if node_netns.is_some() {
+            set_rp_filter_loose(node_netns, &[])?;
+        }
+        Ok(Plumbing {
+            interface: cfg.interface.clone(),
+            pod_ip: cfg.pod_ip,
+            pod_routes: RouteDriver::open(None).await?,
+            pod_nft: NftDriver::new(None),
+            node,
+        })
+    }
+
+    /// Makes routes and nftables match `destinations` (remote pod and
+    /// service CIDRs): `dev wg0` in the pod, `via <pod IP>` on the node,
+    /// MSS clamping into the tunnel, and no masquerade towards them.
+    async fn apply(&self, destinations: &[IpNet]) -> Result<()> {
+        let wg = self.pod_routes.link_index(&self.interface).await?;
+        let pod: Vec<Route> = destinations.iter().map(|d| Route::dev(*d, wg)).collect();
+        self.pod_routes.apply(&pod).await?;
+        self.pod_nft
+            .apply_pod(&PodRules {
+                tunnel_interface: self.interface.clone(),
+            })
+            .await?;
+        if let Some((routes, nft)) = &self.node {
+            let hop = routes.resolve_next_hop(self.pod_ip).await?;
+            let node: Vec<Route> = destinations.iter().map(|d| Route::via(*d, hop)).collect();
+            routes.apply(&node).await?;
+            nft.apply_node(&NodeRules {
+                remote_cidrs: destinations.to_vec(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes exactly what the agent installed (clean shutdown).
+    async fn remove(&self) {
+        if let Err(e) = self.pod_routes.remove_all().await {
+            warn!(error = %e, "removing pod routes");
+        }
+        if let Err(e) = self.pod_nft.remove_table(POD_TABLE).await {
+            warn!(error = %e, "removing pod nftables table");
+        }
+        if let Some((routes, nft)) = &self.node {
+            if let Err(e) = routes.remove_all().await {
+                warn!(error = %e, "removing node routes");
+            }
+            if let Err(e) = nft.remove_table(NODE_TABLE).await {
+                warn!(error = %e, "removing node nftables table");
+            }
+        }
+    }
+}
+
+/// Pokes `changed` whenever a route of ours changes in `netns`, so that a
+/// deleted route is restored at once rather than at the next resync.
+async fn watch_routes(netns: Option<std::path::PathBuf>, changed: Arc<tokio::sync::Notify>) {
+    let mut events = match RouteEvents::subscribe(netns.as_deref()).await {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(error = %e, "no route events; drift is repaired by the periodic resync only");
+            return;
+        }
+    };
+    while let Some(ev) = events.next().await {
+        if ev.ours && ev.removed {
+            info!(dst = ?ev.dst, "one of our routes was removed; reapplying");
+            changed.notify_one();
+        }
+    }
 }
 
 /// Resolves the endpoints of the desired peers (names through DNS).
@@ -156,6 +258,14 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
     readiness.send_modify(|r| r.tunnel_up = true);
     info!(interface = %cfg.interface, mtu, listen = %tunnel.local_addr(), "data path up");
 
+    let plumbing = Plumbing::open(&cfg)
+        .await
+        .context("opening netlink and nftables")?;
+    tokio::spawn(watch_routes(None, watches.changed.clone()));
+    if let Some(ns) = &cfg.node_netns {
+        tokio::spawn(watch_routes(Some(ns.clone()), watches.changed.clone()));
+    }
+
     let decided = Arc::new(Mutex::new(Decided::default()));
     let status_task = tokio::spawn(status_loop(
         client.clone(),
@@ -168,7 +278,16 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         watches.follow_declarations();
-        let ok = reconcile(&watches, &local_peer, &public, &cfg, &tunnel, &decided).await;
+        let ok = reconcile(
+            &watches,
+            &local_peer,
+            &public,
+            &cfg,
+            &tunnel,
+            &plumbing,
+            &decided,
+        )
+        .await;
         readiness.send_modify(|r| r.last_apply_ok = ok);
         tokio::select! {
             _ = watches.changed.notified() => {
@@ -180,8 +299,9 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
             _ = sigterm.recv() => break,
         }
     }
-    info!("shutting down");
+    info!("shutting down: removing our routes and nftables tables");
     status_task.abort();
+    plumbing.remove().await;
     Ok(())
 }
 
@@ -211,6 +331,7 @@ async fn reconcile(
     public: &str,
     cfg: &AgentConfig,
     tunnel: &Tunnel,
+    plumbing: &Plumbing,
     decided: &Mutex<Decided>,
 ) -> bool {
     let clusters = watches.clusters();
@@ -246,13 +367,21 @@ async fn reconcile(
     for (k, why) in &failed {
         warn!(peer = %k.to_base64(), %why, "peer not configured");
     }
+    let destinations: Vec<IpNet> = desired.routes.iter().map(|r| r.destination).collect();
+    let routed = match plumbing.apply(&destinations).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "applying routes and nftables failed; retrying at the next resync");
+            false
+        }
+    };
     let mut d = decided.lock().unwrap_or_else(|e| e.into_inner());
     *d = Decided {
         mesh: Some(mesh),
         inputs,
         desired,
     };
-    failed.is_empty()
+    failed.is_empty() && routed
 }
 
 async fn status_loop(
@@ -280,7 +409,9 @@ async fn status_loop(
                         last_handshake,
                         rx_bytes: s.rx_bytes,
                         tx_bytes: s.tx_bytes,
-                        rtt_micros: None,
+                        rtt_micros: s
+                            .handshake_rtt
+                            .and_then(|r| u64::try_from(r.as_micros()).ok()),
                     },
                 )
             })

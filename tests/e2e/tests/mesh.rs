@@ -6,6 +6,7 @@
 // Test code: a panic with its message is how a check reports failure.
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
@@ -15,7 +16,8 @@ use sdn_tunnel_e2e::{
     install, start_agents, tunnel_peers, wait_mesh_connected, workspace_binary, FIELD_MANAGER,
     NAMESPACE,
 };
-use sdn_tunnel_lab::{Identity, Lab, LabConfig};
+use sdn_tunnel_lab::server::{tcp_request, udp_request};
+use sdn_tunnel_lab::{Identity, Lab, LabConfig, POD_SERVER_PORT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
@@ -71,6 +73,39 @@ async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), 4, "every node has its own key");
+
+    // Every pod of east reaches every pod of west over TCP and UDP, and back.
+    for c in ["east", "west"] {
+        lab.add_pod(c, 1, "web-1").unwrap();
+        lab.add_pod(c, 2, "web-2").unwrap();
+    }
+    let t = Duration::from_secs(3);
+    let started = Instant::now();
+    for (from_c, to_c) in [("east", "west"), ("west", "east")] {
+        for from in ["web-1", "web-2"] {
+            for to in ["web-1", "web-2"] {
+                let (src, dst) = (
+                    lab.pod(from_c, from).unwrap().clone(),
+                    lab.pod(to_c, to).unwrap().clone(),
+                );
+                let addr = SocketAddr::from((dst.ip, POD_SERVER_PORT));
+                assert_eq!(
+                    tcp_request(&src.netns, addr, t).unwrap(),
+                    to,
+                    "TCP {from_c}/{from} -> {to_c}/{to}"
+                );
+                assert_eq!(
+                    udp_request(&src.netns, addr, t).unwrap(),
+                    to,
+                    "UDP {from_c}/{from} -> {to_c}/{to}"
+                );
+            }
+        }
+    }
+    println!(
+        "8 TCP + 8 UDP cross-cluster exchanges in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
 
     // `tunctl peers` sees all 4 x 2 tunnels connected, through both apiservers.
     let tunctl = workspace_binary("tunctl").unwrap();

@@ -515,6 +515,10 @@ impl Drop for Lab {
         if !self.owned {
             return;
         }
+        if std::env::var_os("SDN_TUNNEL_KEEP_LAB").is_some() {
+            eprintln!("lab {}: kept for debugging (SDN_TUNNEL_KEEP_LAB); remove it with `lab down --name {}`", self.state.config.name, self.state.config.name);
+            return;
+        }
         match teardown(&self.state.config) {
             Ok(r) if r.leftovers.is_empty() => {}
             Ok(r) => eprintln!(
