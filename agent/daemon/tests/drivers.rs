@@ -320,7 +320,17 @@ fn rp_filter_loose_lands_in_the_target_namespace_only() {
     let host_all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap();
     write_sysctl(Some(&node), "net.ipv4.conf.all.rp_filter", "1").unwrap();
     write_sysctl(Some(&node), "net.ipv4.conf.cbr0.rp_filter", "1").unwrap();
-    set_rp_filter_loose(Some(&node), &["cbr0", "vagent"]).unwrap();
+    // a VLAN-style name with a dot, which dotted sysctl keys cannot express
+    t.node.ip(&[
+        "link", "add", "eth0.5", "type", "veth", "peer", "name", "eth0.6",
+    ]);
+    set_rp_filter_loose(Some(&node), &["cbr0", "vagent", "eth0.5"]).unwrap();
+    assert_eq!(
+        t.node
+            .exec(&["cat", "/proc/sys/net/ipv4/conf/eth0.5/rp_filter"])
+            .trim(),
+        "2"
+    );
     // What the namespace itself sees (through a process in it, not our helper).
     assert_eq!(
         t.node

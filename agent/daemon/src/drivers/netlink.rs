@@ -440,6 +440,14 @@ impl RouteDriver {
             while let Some(msg) = responses.next().await {
                 match msg.payload {
                     NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
+                        // With IPv6 disabled (ipv6.disable=1) the kernel
+                        // answers an AF_INET6 dump with *every* family's
+                        // routes (its PF_UNSPEC fallback); keeping only the
+                        // family asked for avoids seeing our IPv4 routes
+                        // twice and deleting the "duplicate".
+                        if route.header.address_family != family {
+                            continue;
+                        }
                         if let Some(route) = parse_route(&route) {
                             out.push(route);
                         }

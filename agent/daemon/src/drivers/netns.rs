@@ -92,23 +92,29 @@ where
     rx.await.map_err(|_| NetnsError::Panicked)?
 }
 
-/// Path of a sysctl under `/proc/sys` from its dotted key, refusing keys that
-/// could escape the sysctl tree.
+/// Path of a sysctl under `/proc/sys` from its key, refusing keys that could
+/// escape the sysctl tree. Like sysctl(8), a key is dotted
+/// (`net.ipv4.ip_forward`) or, when a component itself contains dots (a
+/// VLAN interface `eth0.100`), slash-separated
+/// (`net/ipv4/conf/eth0.100/rp_filter`).
 fn sysctl_path(key: &str) -> Result<PathBuf, NetnsError> {
+    let separator = if key.contains('/') { '/' } else { '.' };
+    let parts: Vec<&str> = key.split(separator).collect();
     if key.is_empty()
-        || key
-            .split('.')
-            .any(|part| part.is_empty() || part == ".." || part.contains('/'))
+        || parts
+            .iter()
+            .any(|part| part.is_empty() || *part == ".." || *part == ".")
     {
         return Err(NetnsError::BadKey(key.to_string()));
     }
-    Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
+    Ok(parts
+        .iter()
+        .fold(PathBuf::from("/proc/sys"), |path, part| path.join(part)))
 }
 
 /// Writes a sysctl in the given namespace. `/proc/sys/net/*` resolves against
 /// the network namespace of the *thread* that opens it (the kernel looks at
 /// `current->nsproxy->net_ns`), which is why this runs through [`in_netns`].
-/// Interface names with dots are not supported (keys are dotted).
 pub fn write_sysctl(netns: Option<&Path>, key: &str, value: &str) -> Result<(), NetnsError> {
     let path = sysctl_path(key)?;
     let value = value.to_string();
@@ -154,9 +160,10 @@ pub fn set_rp_filter_loose(netns: Option<&Path>, interfaces: &[&str]) -> Result<
         write_sysctl(netns, "net.ipv4.conf.all.rp_filter", RP_FILTER_LOOSE)?;
     }
     for iface in interfaces {
+        // slash form: interface names may contain dots (VLANs)
         write_sysctl(
             netns,
-            &format!("net.ipv4.conf.{iface}.rp_filter"),
+            &format!("net/ipv4/conf/{iface}/rp_filter"),
             RP_FILTER_LOOSE,
         )?;
     }
@@ -173,7 +180,20 @@ mod tests {
             sysctl_path("net.ipv4.conf.cbr0.rp_filter").unwrap(),
             PathBuf::from("/proc/sys/net/ipv4/conf/cbr0/rp_filter")
         );
-        for bad in ["", "net..ipv4", "net.ipv4/../../etc", ".net", "net."] {
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.100/rp_filter").unwrap(),
+            PathBuf::from("/proc/sys/net/ipv4/conf/eth0.100/rp_filter")
+        );
+        for bad in [
+            "",
+            "net..ipv4",
+            "net.ipv4/../../etc",
+            "net/ipv4/conf/../../../etc/x",
+            "net/./ipv4",
+            ".net",
+            "net.",
+            "net/",
+        ] {
             assert!(sysctl_path(bad).is_err(), "{bad:?} accepted");
         }
     }
