@@ -258,8 +258,34 @@ async fn node_routes_via_agent_pod_resolve_the_bridge() {
     // Traffic really goes there, with the node's cbr0 address as source.
     let (src, _) = udp_probe(&t.node, &t.pod, "10.2.3.4").expect("not delivered");
     assert_eq!(src, "10.1.1.1".parse::<IpAddr>().unwrap());
-    assert_eq!(driver.remove_all().await.unwrap(), 2);
+
+    // IPv6 the same way (no onlink for IPv6).
+    t.node
+        .ip(&["addr", "add", "fd00:1:1::1/64", "dev", "cbr0", "nodad"]);
+    t.pod
+        .ip(&["addr", "add", "fd00:1:1::2/64", "dev", "eth0", "nodad"]);
+    let hop6 = driver
+        .resolve_next_hop("fd00:1:1::2".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        hop6,
+        NextHop::Via {
+            gateway: "fd00:1:1::2".parse().unwrap(),
+            oif: cbr0,
+            onlink: false
+        }
+    );
+    let mut both = desired.clone();
+    both.push(Route::via(net("fd00:2::/48"), hop6));
+    assert_eq!(driver.apply(&both).await.unwrap().added.len(), 1);
+    let got = t.node.ip(&["-6", "route", "get", "fd00:2::1"]);
+    assert!(got.contains("via fd00:1:1::2 dev cbr0"), "{got}");
+    assert!(!driver.apply(&both).await.unwrap().changed());
+
+    assert_eq!(driver.remove_all().await.unwrap(), 3);
     assert_eq!(t.node.our_routes("-4").trim(), "");
+    assert_eq!(t.node.our_routes("-6").trim(), "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -366,9 +366,16 @@ impl RouteDriver {
     /// (`ip route get fibmatch`) and returns a [`NextHop::Via`] through that
     /// entry's device. Whatever the CNI built (a bridge such as `cbr0` with a
     /// connected subnet route, or a point-to-point veth with a /32 route) is
-    /// found this way rather than assumed. `onlink` is set unless the match
-    /// is a link-scope route, i.e. whenever the kernel would otherwise refuse
-    /// the gateway as not on-link (host-scope /32 routes of ptp setups).
+    /// found this way rather than assumed.
+    ///
+    /// `onlink` is set for IPv4 unless the match is a link-scope route. CNI
+    /// `ptp` (kindnet) gives the node a *host*-scope `/32` to the pod; a
+    /// route `via` such a gateway is accepted by the kernel but resolved with
+    /// host scope, and the gateway is then silently ignored (the node would
+    /// ARP for the final destination). `onlink` makes the kernel treat the
+    /// gateway as a neighbour on that device. IPv6 has no such quirk (its
+    /// routes all report universe scope, and a gateway covered by a route on
+    /// the device is used as such), so it never gets `onlink`.
     pub async fn resolve_next_hop(&self, gateway: IpAddr) -> Result<NextHop, RouteError> {
         let mut message = RouteMessage::default();
         message.header.address_family = family_of(gateway);
@@ -405,7 +412,7 @@ impl RouteDriver {
                         }
                     }
                     let oif = oif.ok_or(RouteError::NoRoute(gateway))?;
-                    let onlink = route.header.scope != RouteScope::Link;
+                    let onlink = gateway.is_ipv4() && route.header.scope != RouteScope::Link;
                     debug!(%gateway, oif, onlink, scope = ?route.header.scope, "resolved next hop");
                     return Ok(NextHop::Via {
                         gateway,
