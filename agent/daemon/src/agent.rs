@@ -238,6 +238,7 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
         mtu: Some(mtu),
         multi_queue: false,
         up: true,
+        ..TunOptions::default()
     })
     .with_context(|| format!("creating TUN device {}", cfg.interface))?;
     let bind = SocketAddr::new(

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config, Resource, ResourceExt};
 use sdn_tunnel_api::{TunnelCluster, TunnelPeer, TunnelPeerSpec, TunnelPeerStatus};
@@ -170,10 +171,10 @@ pub async fn write_status(
     Ok(())
 }
 
-/// Health of one remote cluster's watch, for status and `/readyz`.
+/// Health of one cluster's watches, for status and `/readyz`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RemoteHealth {
-    /// The watch has listed the remote peers at least once.
+    /// The cluster's TunnelPeers have been listed at least once.
     pub synced: bool,
     /// The last error, cleared by the next successful event.
     pub last_error: Option<String>,
@@ -187,32 +188,83 @@ struct RemoteSource {
     key: String,
 }
 
-struct RemoteWatch {
-    source: RemoteSource,
-    store: Store<TunnelPeer>,
+/// What is watched in one cluster (the local one or a remote one): its
+/// TunnelPeers, Services and EndpointSlices, as last seen. The stores
+/// outlive the API connection: when an API goes away, the last known state
+/// stays and keeps the data path as it was.
+#[derive(Clone)]
+pub struct ClusterStores {
+    pub peers: Store<TunnelPeer>,
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+}
+
+struct ClusterWriters {
+    peers: Writer<TunnelPeer>,
+    services: Writer<Service>,
+    slices: Writer<EndpointSlice>,
+}
+
+fn cluster_stores() -> (ClusterStores, ClusterWriters) {
+    let (peers, pw) = reflector::store();
+    let (services, sw) = reflector::store();
+    let (slices, ew) = reflector::store();
+    (
+        ClusterStores {
+            peers,
+            services,
+            slices,
+        },
+        ClusterWriters {
+            peers: pw,
+            services: sw,
+            slices: ew,
+        },
+    )
+}
+
+/// Where the client of a watched cluster comes from.
+#[derive(Clone)]
+enum ClientSource {
+    /// The local cluster: the agent's own client.
+    Local(Client),
+    /// A remote cluster: the kubeconfig in a local Secret, re-read whenever
+    /// a client cannot be built.
+    Secret { local: Client, source: RemoteSource },
+}
+
+struct ClusterWatch {
+    source: Option<RemoteSource>,
+    stores: ClusterStores,
     health: Arc<Mutex<RemoteHealth>>,
     task: JoinHandle<()>,
 }
 
-impl Drop for RemoteWatch {
+impl Drop for ClusterWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// The agent's view of the world: local clusters and remote peers.
+/// The agent's view of the world: declared clusters, and per cluster
+/// (local included) its TunnelPeers, Services and EndpointSlices.
 pub struct Watches {
     local: Client,
     namespace: String,
     clusters: Store<TunnelCluster>,
-    remotes: Mutex<BTreeMap<String, RemoteWatch>>,
+    local_watch: Mutex<Option<(String, ClusterWatch)>>,
+    remotes: Mutex<BTreeMap<String, ClusterWatch>>,
     /// Poked on every change of anything watched.
     pub changed: Arc<Notify>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Watches {
-    /// Starts the local `TunnelCluster` watch; remote watches follow the
-    /// declarations (call [`Watches::follow_declarations`] on change).
+    /// Starts the local `TunnelCluster` watch; the per-cluster watches follow
+    /// the declarations (call [`Watches::follow_declarations`] on change).
     pub fn start(local: Client, namespace: &str) -> Arc<Watches> {
         let changed = Arc::new(Notify::new());
         let (store, writer) = reflector::store();
@@ -241,6 +293,7 @@ impl Watches {
             local,
             namespace: namespace.to_string(),
             clusters: store,
+            local_watch: Mutex::new(None),
             remotes: Mutex::new(BTreeMap::new()),
             changed,
         })
@@ -279,11 +332,12 @@ impl Watches {
 
     /// Every remote peer as last seen, with the cluster it was read from.
     pub fn remote_peers(&self) -> Vec<(String, TunnelPeer)> {
-        let remotes = self.remotes.lock().unwrap_or_else(|e| e.into_inner());
+        let remotes = lock(&self.remotes);
         let mut out: Vec<(String, TunnelPeer)> = remotes
             .iter()
             .flat_map(|(cluster, w)| {
-                w.store
+                w.stores
+                    .peers
                     .state()
                     .into_iter()
                     .map(move |p| (cluster.clone(), (*p).clone()))
@@ -293,24 +347,40 @@ impl Watches {
         out
     }
 
+    /// The stores of every watched cluster, the local one included, by name.
+    pub fn cluster_stores(&self) -> BTreeMap<String, ClusterStores> {
+        let mut out: BTreeMap<String, ClusterStores> = lock(&self.remotes)
+            .iter()
+            .map(|(c, w)| (c.clone(), w.stores.clone()))
+            .collect();
+        if let Some((name, w)) = lock(&self.local_watch).as_ref() {
+            out.insert(name.clone(), w.stores.clone());
+        }
+        out
+    }
+
     /// Health of every remote watch, by cluster name.
     pub fn remote_health(&self) -> BTreeMap<String, RemoteHealth> {
-        let remotes = self.remotes.lock().unwrap_or_else(|e| e.into_inner());
-        remotes
+        lock(&self.remotes)
             .iter()
-            .map(|(c, w)| {
-                (
-                    c.clone(),
-                    w.health.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                )
-            })
+            .map(|(c, w)| (c.clone(), lock(&w.health).clone()))
             .collect()
     }
 
-    /// Starts a watch for every declared remote cluster with a kubeconfig
-    /// Secret, restarts the ones whose Secret reference changed, and stops
-    /// the ones no longer declared.
+    /// Starts the watches of the local cluster (once its name is known) and
+    /// of every declared remote cluster with a kubeconfig Secret, restarts
+    /// the ones whose Secret reference changed, and stops the ones no longer
+    /// declared.
     pub fn follow_declarations(self: &Arc<Self>) {
+        if let Ok(name) = self.local_cluster_name() {
+            let mut local = lock(&self.local_watch);
+            if local.as_ref().is_none_or(|(n, _)| *n != name) {
+                *local = Some((
+                    name.clone(),
+                    self.spawn_watch(&name, ClientSource::Local(self.local.clone()), None),
+                ));
+            }
+        }
         let mut wanted: BTreeMap<String, RemoteSource> = BTreeMap::new();
         for c in self.clusters() {
             if c.spec.local {
@@ -330,9 +400,9 @@ impl Watches {
                 );
             }
         }
-        let mut remotes = self.remotes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut remotes = lock(&self.remotes);
         remotes.retain(|cluster, w| {
-            let keep = wanted.get(cluster) == Some(&w.source);
+            let keep = wanted.get(cluster) == w.source.as_ref();
             if !keep {
                 info!(%cluster, "stopping watch of remote cluster");
             }
@@ -343,34 +413,44 @@ impl Watches {
                 continue;
             }
             info!(%cluster, secret = %format!("{}/{}", source.namespace, source.name), "watching remote cluster");
-            let (store, writer) = reflector::store();
-            let health = Arc::new(Mutex::new(RemoteHealth::default()));
-            let task = tokio::spawn(
-                watch_remote(
-                    self.local.clone(),
-                    cluster.clone(),
-                    source.clone(),
-                    writer,
-                    health.clone(),
-                    self.changed.clone(),
-                )
-                .instrument(info_span!("watch", kind = "TunnelPeer", %cluster)),
-            );
-            remotes.insert(
-                cluster,
-                RemoteWatch {
-                    source,
-                    store,
-                    health,
-                    task,
-                },
-            );
+            let client = ClientSource::Secret {
+                local: self.local.clone(),
+                source: source.clone(),
+            };
+            let watch = self.spawn_watch(&cluster, client, Some(source));
+            remotes.insert(cluster, watch);
+        }
+    }
+
+    fn spawn_watch(
+        &self,
+        cluster: &str,
+        client: ClientSource,
+        source: Option<RemoteSource>,
+    ) -> ClusterWatch {
+        let (stores, writers) = cluster_stores();
+        let health = Arc::new(Mutex::new(RemoteHealth::default()));
+        let task = tokio::spawn(
+            watch_cluster(
+                cluster.to_string(),
+                client,
+                writers,
+                health.clone(),
+                self.changed.clone(),
+            )
+            .instrument(info_span!("watch", cluster = %cluster)),
+        );
+        ClusterWatch {
+            source,
+            stores,
+            health,
+            task,
         }
     }
 }
 
 fn set_health(health: &Mutex<RemoteHealth>, f: impl FnOnce(&mut RemoteHealth)) {
-    f(&mut health.lock().unwrap_or_else(|e| e.into_inner()));
+    f(&mut lock(health));
 }
 
 /// Reads a remote cluster's kubeconfig from a local Secret and makes a client.
@@ -404,68 +484,104 @@ pub async fn remote_client(
     Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
-async fn watch_remote(
-    local: Client,
+/// Feeds one kind's watch events into its store until the stream ends.
+async fn pump<K>(
+    api: Api<K>,
+    writer: &mut Writer<K>,
+    health: &Mutex<RemoteHealth>,
+    changed: &Notify,
+    marks_synced: bool,
+) where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(ev) => {
+                writer.apply_watcher_event(&ev);
+                set_health(health, |h| {
+                    h.last_error = None;
+                    if marks_synced && matches!(ev, watcher::Event::InitDone) {
+                        h.synced = true;
+                    }
+                });
+                changed.notify_one();
+            }
+            Err(e) => {
+                warn!(kind = %K::kind(&Default::default()), error = %e, "watch failed; keeping the last known state");
+                set_health(health, |h| h.last_error = Some(e.to_string()));
+                changed.notify_one();
+            }
+        }
+    }
+}
+
+async fn watch_cluster(
     cluster: String,
-    source: RemoteSource,
-    mut writer: reflector::store::Writer<TunnelPeer>,
+    client: ClientSource,
+    mut writers: ClusterWriters,
     health: Arc<Mutex<RemoteHealth>>,
     changed: Arc<Notify>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        let client = match remote_client(
-            &local,
-            &cluster,
-            &source.namespace,
-            &source.name,
-            &source.key,
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "cannot build a client for the remote cluster");
-                set_health(&health, |h| h.last_error = Some(e.to_string()));
-                changed.notify_one();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-                continue;
+        let client = match &client {
+            ClientSource::Local(c) => c.clone(),
+            ClientSource::Secret { local, source } => {
+                match remote_client(
+                    local,
+                    &cluster,
+                    &source.namespace,
+                    &source.name,
+                    &source.key,
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "cannot build a client for the remote cluster");
+                        set_health(&health, |h| h.last_error = Some(e.to_string()));
+                        changed.notify_one();
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                        continue;
+                    }
+                }
             }
         };
         backoff = Duration::from_secs(1);
-        // The store outlives the stream: when the remote API goes away, the
-        // last known peers stay in it and keep the data path as it was.
-        let api: Api<TunnelPeer> = Api::all(client);
-        let mut events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .map(|ev| {
-                if let Ok(ev) = &ev {
-                    writer.apply_watcher_event(ev);
-                }
-                ev
-            })
-            .boxed();
-        while let Some(ev) = events.next().await {
-            match ev {
-                Ok(watcher::Event::InitDone) => {
-                    set_health(&health, |h| {
-                        h.synced = true;
-                        h.last_error = None;
-                    });
-                    changed.notify_one();
-                }
-                Ok(_) => {
-                    set_health(&health, |h| h.last_error = None);
-                    changed.notify_one();
-                }
-                Err(e) => {
-                    warn!(error = %e, "remote watch failed; keeping the last known peers");
-                    set_health(&health, |h| h.last_error = Some(e.to_string()));
-                    changed.notify_one();
-                }
-            }
-        }
+        tokio::join!(
+            pump(
+                Api::<TunnelPeer>::all(client.clone()),
+                &mut writers.peers,
+                &health,
+                &changed,
+                true
+            ),
+            pump(
+                Api::<Service>::all(client.clone()),
+                &mut writers.services,
+                &health,
+                &changed,
+                false
+            ),
+            pump(
+                Api::<EndpointSlice>::all(client),
+                &mut writers.slices,
+                &health,
+                &changed,
+                false
+            ),
+        );
     }
 }
 
