@@ -7,6 +7,8 @@
 //!
 //! - [`tun`]: the TUN device (`IFF_TUN | IFF_NO_PI`, multi-queue, MTU, up),
 //!   non-blocking single-packet reads and writes into caller buffers.
+//! - [`offload`]: `virtio_net_hdr`, splitting TSO/USO super-packets read
+//!   from the TUN, coalescing TCP segments written to it (GRO).
 //! - [`udp`]: UDP sockets, optionally created inside another network
 //!   namespace, `SO_REUSEPORT` for several workers, batched
 //!   `recvmmsg`/`sendmmsg` into caller-owned reusable buffers.
@@ -16,6 +18,7 @@
 #![allow(unsafe_code)]
 
 pub mod netns;
+pub mod offload;
 pub(crate) mod sys;
 pub mod tun;
 pub mod udp;
@@ -23,5 +26,6 @@ pub mod udp;
 #[cfg(test)]
 pub(crate) mod testns;
 
-pub use tun::{Tun, TunOptions};
+pub use offload::GroBatch;
+pub use tun::{Tun, TunOffloads, TunOptions, TunReadBuf, TunWriteReport};
 pub use udp::{BatchFull, RecvBatch, SendBatch, SendReport, UdpOptions, UdpSocket};

@@ -8,6 +8,14 @@
 //! value closes the fd; when the last queue of a non-persistent device is
 //! closed the kernel removes the device.
 //!
+//! Offloads ([`TunOptions::offload`]): the device is opened with
+//! `IFF_VNET_HDR` and `TUNSETOFFLOAD` asks for checksum offload, TSO4/TSO6
+//! and, where the kernel has it (6.2+), USO. Then
+//! [`Tun::read_packets`] receives TCP/UDP super-packets and splits them into
+//! MTU-sized packets ([`super::offload::split`]) and [`Tun::write_batch`]
+//! writes decrypted TCP segments of one flow as one coalesced super-packet
+//! (one `writev`). Without offloads the same calls move one packet each.
+//!
 //! Namespaces: the device is created in (and attached from) the network
 //! namespace of the *calling thread*. Create the TUN, and every extra queue,
 //! from the agent's own namespace.
@@ -18,6 +26,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::offload::{split, GroBatch, Split, VirtioNetHdr, VNET_HDR_LEN};
 use super::sys::{cvt, cvt_size, ifr_name, ifr_name_to_string, poll_one};
 
 const TUN_PATH: &CStr = c"/dev/net/tun";
@@ -35,7 +44,25 @@ pub struct TunOptions {
     pub multi_queue: bool,
     /// Bring the link up after creating it.
     pub up: bool,
+    /// Use `IFF_VNET_HDR` and ask for TSO/USO and checksum offload (see
+    /// [`Tun::offloads`] for what the kernel accepted).
+    pub offload: bool,
 }
+
+/// TUN offloads in effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunOffloads {
+    /// Frames carry a `virtio_net_hdr`.
+    pub vnet_hdr: bool,
+    /// The kernel may send TCP super-packets (TSO4/TSO6) and we coalesce
+    /// TCP segments on write.
+    pub tso: bool,
+    /// The kernel may send UDP super-packets (USO4/USO6).
+    pub uso: bool,
+}
+
+const OFFLOAD_TCP: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+const OFFLOAD_UDP: libc::c_uint = libc::TUN_F_USO4 | libc::TUN_F_USO6;
 
 impl Default for TunOptions {
     fn default() -> Self {
@@ -44,6 +71,7 @@ impl Default for TunOptions {
             mtu: None,
             multi_queue: true,
             up: true,
+            offload: true,
         }
     }
 }
@@ -57,6 +85,7 @@ pub struct Tun {
     /// An `AF_INET` datagram socket in the device's namespace, used for the
     /// interface ioctls (shared by all queues of one device).
     ctl: Arc<OwnedFd>,
+    offloads: TunOffloads,
 }
 
 impl Tun {
@@ -67,13 +96,42 @@ impl Tun {
         if opts.multi_queue {
             flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
         }
-        let (fd, name) = open_queue(&opts.name, flags)?;
+        let (fd, name, flags) = if opts.offload {
+            let with_vnet = flags | libc::IFF_VNET_HDR as libc::c_short;
+            match open_queue(&opts.name, with_vnet) {
+                Ok((fd, name)) => (fd, name, with_vnet),
+                // A kernel (or an existing device) without vnet headers.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let (fd, name) = open_queue(&opts.name, flags)?;
+                    (fd, name, flags)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            let (fd, name) = open_queue(&opts.name, flags)?;
+            (fd, name, flags)
+        };
         let ctl = Arc::new(ctl_socket()?);
+        let vnet_hdr = flags & libc::IFF_VNET_HDR as libc::c_short != 0;
+        let mut offloads = TunOffloads {
+            vnet_hdr,
+            tso: false,
+            uso: false,
+        };
+        if vnet_hdr {
+            if set_offload(&fd, OFFLOAD_TCP | OFFLOAD_UDP).is_ok() {
+                offloads.tso = true;
+                offloads.uso = true;
+            } else if set_offload(&fd, OFFLOAD_TCP).is_ok() {
+                offloads.tso = true;
+            }
+        }
         let tun = Tun {
             fd,
             name,
             flags,
             ctl,
+            offloads,
         };
         if let Some(mtu) = opts.mtu {
             tun.set_mtu(mtu)?;
@@ -99,7 +157,13 @@ impl Tun {
             name,
             flags: self.flags,
             ctl: Arc::clone(&self.ctl),
+            offloads: self.offloads,
         })
+    }
+
+    /// The offloads the kernel accepted for this device.
+    pub fn offloads(&self) -> TunOffloads {
+        self.offloads
     }
 
     /// The interface name the kernel gave the device.
@@ -161,7 +225,20 @@ impl Tun {
     /// Reads one packet into `buf`, returning its length. Returns
     /// `ErrorKind::WouldBlock` when the queue is empty. A packet longer than
     /// `buf` is truncated by the kernel, so give at least MTU bytes.
+    ///
+    /// On a device with vnet headers a read may return a super-packet: use
+    /// [`Tun::read_packets`] there (this returns `ErrorKind::Unsupported`).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.offloads.vnet_hdr {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "TUN has vnet headers: use read_packets",
+            ));
+        }
+        self.read_raw(buf)
+    }
+
+    fn read_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes and the
             // fd is open for the lifetime of `self`.
@@ -176,11 +253,119 @@ impl Tun {
     /// Writes one IP packet. The kernel rejects (`EINVAL`) data that is not
     /// an IPv4 or IPv6 packet.
     pub fn write(&self, packet: &[u8]) -> io::Result<usize> {
+        if self.offloads.vnet_hdr {
+            let hdr = [0u8; VNET_HDR_LEN];
+            let n = self.writev(&[&hdr, packet])?;
+            return Ok(n.saturating_sub(VNET_HDR_LEN));
+        }
         loop {
             // SAFETY: `packet` is valid for reads of `packet.len()` bytes and
             // the fd is open for the lifetime of `self`.
             let r =
                 unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+            match cvt_size(r) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads one frame and returns the IP packets in it (after this call,
+    /// `rb.len()` of them): a super-packet is split into MTU-sized packets
+    /// with correct headers and checksums, a packet whose checksum the kernel
+    /// left to us is completed. `ErrorKind::WouldBlock` when the queue is
+    /// empty, `ErrorKind::InvalidData` for a frame that cannot be split
+    /// (drop and count it).
+    pub fn read_packets(&self, rb: &mut TunReadBuf) -> io::Result<usize> {
+        rb.count = 0;
+        rb.in_place = None;
+        if !self.offloads.vnet_hdr {
+            let n = self.read_raw(&mut rb.frame[VNET_HDR_LEN..])?;
+            rb.in_place = Some(n);
+            rb.count = 1;
+            return Ok(1);
+        }
+        let n = self.read_raw(&mut rb.frame)?;
+        let hdr = VirtioNetHdr::decode(&rb.frame[..n]).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "frame shorter than its vnet header",
+            )
+        })?;
+        let (frame, out) = (&mut rb.frame[VNET_HDR_LEN..n], &mut rb.out);
+        match split(frame, &hdr, out, rb.stride, &mut rb.sizes) {
+            Ok(Split::InPlace(len)) => {
+                rb.in_place = Some(len);
+                rb.count = 1;
+            }
+            Ok(Split::Segments(k)) => rb.count = k,
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        Ok(rb.count)
+    }
+
+    /// Writes every packet of `batch` and clears it. With TSO accepted, the
+    /// TCP segments of one flow are first coalesced into super-packets (one
+    /// `writev` each, payloads gathered from their slots); otherwise each
+    /// packet is written on its own. A frame the kernel refuses is counted
+    /// and skipped.
+    pub fn write_batch(&self, batch: &mut GroBatch) -> TunWriteReport {
+        let mut report = TunWriteReport::default();
+        if self.offloads.vnet_hdr && self.offloads.tso {
+            batch.coalesce();
+        } else {
+            batch.plain();
+        }
+        for frame in batch.frames() {
+            let mut iov: [&[u8]; 2 + super::offload::GRO_MAX_SEGMENTS] =
+                [&[]; 2 + super::offload::GRO_MAX_SEGMENTS];
+            let mut n = 0;
+            if self.offloads.vnet_hdr {
+                iov[0] = &frame.hdr;
+                n = 1;
+            }
+            iov[n] = frame.head;
+            n += 1;
+            let mut segments = 1;
+            for t in frame.tails() {
+                iov[n] = t;
+                n += 1;
+                segments += 1;
+            }
+            match self.writev(&iov[..n]) {
+                Ok(_) => {
+                    report.frames += 1;
+                    report.packets += segments;
+                    if segments > 1 {
+                        report.coalesced_frames += 1;
+                    }
+                }
+                Err(e) => {
+                    report.failed += segments;
+                    report.last_error = Some(e);
+                }
+            }
+        }
+        batch.clear();
+        report
+    }
+
+    fn writev(&self, parts: &[&[u8]]) -> io::Result<usize> {
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2 + super::offload::GRO_MAX_SEGMENTS];
+        let n = parts.len().min(iov.len());
+        for (v, p) in iov.iter_mut().zip(parts) {
+            *v = libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            };
+        }
+        loop {
+            // SAFETY: the first `n` iovecs point at live, borrowed slices
+            // the kernel only reads; the fd is open for the lifetime of self.
+            let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
             match cvt_size(r) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => return other,
@@ -210,6 +395,72 @@ impl Tun {
         cvt(unsafe { libc::ioctl(self.ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
         // SAFETY: the kernel filled the `ifru_flags` member of the union.
         Ok(unsafe { req.ifr_ifru.ifru_flags })
+    }
+}
+
+/// What one [`Tun::write_batch`] did.
+#[derive(Debug, Default)]
+pub struct TunWriteReport {
+    /// Frames (`write`/`writev` calls) the kernel accepted.
+    pub frames: usize,
+    /// Packets in those frames.
+    pub packets: usize,
+    /// Frames that carried a coalesced super-packet.
+    pub coalesced_frames: usize,
+    /// Packets in frames the kernel refused.
+    pub failed: usize,
+    /// The last refusal.
+    pub last_error: Option<io::Error>,
+}
+
+/// Caller-owned buffers for [`Tun::read_packets`]: one 64 KiB frame buffer
+/// and `max_segments` output slots of `stride` bytes, allocated once.
+pub struct TunReadBuf {
+    frame: Box<[u8]>,
+    out: Box<[u8]>,
+    stride: usize,
+    sizes: Vec<usize>,
+    count: usize,
+    in_place: Option<usize>,
+}
+
+impl TunReadBuf {
+    /// `stride` must hold one MTU-sized packet; `max_segments` bounds how
+    /// many packets one super-packet may split into (64 KiB / MSS).
+    pub fn new(stride: usize, max_segments: usize) -> Self {
+        assert!(stride > 0 && max_segments > 0, "empty TUN read buffer");
+        Self {
+            frame: vec![0u8; VNET_HDR_LEN + 65_535].into_boxed_slice(),
+            out: vec![0u8; stride * max_segments].into_boxed_slice(),
+            stride,
+            sizes: vec![0; max_segments],
+            count: 0,
+            in_place: None,
+        }
+    }
+
+    /// Packets from the last read.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the last read produced nothing.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Packet `i` (`i < len()`).
+    pub fn get(&self, i: usize) -> &[u8] {
+        assert!(i < self.count, "packet index out of range");
+        match self.in_place {
+            Some(n) => &self.frame[VNET_HDR_LEN..VNET_HDR_LEN + n],
+            None => &self.out[i * self.stride..i * self.stride + self.sizes[i]],
+        }
+    }
+
+    /// The packets from the last read.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        (0..self.count).map(|i| self.get(i))
     }
 }
 
@@ -247,6 +498,13 @@ fn open_queue(name: &str, flags: libc::c_short) -> io::Result<(OwnedFd, String)>
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })
         .map_err(|e| io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")))?;
     Ok((fd, ifr_name_to_string(&req.ifr_name)))
+}
+
+/// `TUNSETOFFLOAD` with `flags` (the argument is the value itself).
+fn set_offload(fd: &OwnedFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value, no pointer.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) })?;
+    Ok(())
 }
 
 /// A datagram socket for interface ioctls, in the calling thread's namespace.
@@ -326,6 +584,7 @@ mod tests {
                 mtu: Some(1380),
                 multi_queue: true,
                 up: true,
+                offload: true,
             })
             .expect("create tun");
             assert_eq!(tun.name(), "sdt0");
@@ -374,10 +633,17 @@ mod tests {
             .unwrap();
             assert!(!tun.is_up().unwrap());
             // Down, so the kernel sends nothing into it: nothing to read.
+            assert!(tun.offloads().vnet_hdr, "offload is on by default");
+            let mut rb = TunReadBuf::new(1500, 4);
+            assert_eq!(
+                tun.read_packets(&mut rb).unwrap_err().kind(),
+                io::ErrorKind::WouldBlock
+            );
             let mut buf = [0u8; 1500];
             assert_eq!(
                 tun.read(&mut buf).unwrap_err().kind(),
-                io::ErrorKind::WouldBlock
+                io::ErrorKind::Unsupported,
+                "single reads cannot return super-packets"
             );
             assert!(!tun.wait_readable(Some(Duration::from_millis(10))).unwrap());
             assert_eq!(
@@ -397,6 +663,7 @@ mod tests {
                 mtu: Some(1420),
                 multi_queue: false,
                 up: true,
+                offload: false,
             })
             .unwrap();
             ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "sdt2"]);
@@ -446,5 +713,178 @@ mod tests {
 
         // Garbage that is not IP is refused by the kernel.
         assert!(tun.write(&[0u8; 20]).is_err());
+    }
+
+    fn offload_tun(ns: &TestNetns, name: &str, cidr: &str, offload: bool) -> Tun {
+        ns.enter(|| {
+            let tun = Tun::create(&TunOptions {
+                name: name.into(),
+                mtu: Some(1500),
+                multi_queue: true,
+                up: true,
+                offload,
+            })
+            .unwrap();
+            ns.ip(&["addr", "add", cidr, "dev", name]);
+            tun
+        })
+    }
+
+    /// RX packets and bytes of `dev` as the kernel counts them (one per skb).
+    fn rx_counters(ns: &TestNetns, dev: &str) -> (u64, u64) {
+        let out = ns.ip_output(&["-s", "link", "show", "dev", dev]);
+        let mut lines = out.lines();
+        while let Some(l) = lines.next() {
+            if l.trim_start().starts_with("RX:") {
+                let nums: Vec<u64> = lines
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .map(|n| n.parse().unwrap())
+                    .collect();
+                return (nums[1], nums[0]);
+            }
+        }
+        panic!("no RX counters in {out}");
+    }
+
+    #[test]
+    fn kernel_accepts_vnet_header_tso_and_uso() {
+        require_root!();
+        let ns = TestNetns::new("tunoff");
+        let tun = offload_tun(&ns, "sdt4", "10.93.0.1/24", true);
+        let got = tun.offloads();
+        eprintln!("TUN offloads on this kernel: {got:?}");
+        assert_eq!(
+            got,
+            TunOffloads {
+                vnet_hdr: true,
+                tso: true,
+                uso: true
+            }
+        );
+        let q2 = ns.enter(|| tun.clone_queue()).unwrap();
+        assert_eq!(q2.offloads(), got);
+    }
+
+    #[test]
+    fn uso_super_packet_is_read_and_split() {
+        require_root!();
+        use crate::io::offload::l4_checksum_valid;
+        use crate::io::udp::{SendBatch, UdpOptions, UdpSocket};
+        let ns = TestNetns::new("tunuso");
+        let tun = offload_tun(&ns, "sdt5", "10.94.0.1/24", true);
+        assert!(tun.offloads().uso);
+        let sock = UdpSocket::bind(&UdpOptions {
+            netns: Some(ns.path()),
+            ..UdpOptions::new("10.94.0.1:0".parse().unwrap())
+        })
+        .unwrap();
+        assert!(sock.offloads().gso);
+        let mut sb = SendBatch::new(32, 32 * 1500);
+        for i in 0..20u8 {
+            sb.push("10.94.0.2:7000".parse().unwrap(), &[i; 1200])
+                .unwrap();
+        }
+        let r = sock.send_batch(&mut sb);
+        assert_eq!((r.sent, r.gso_messages), (20, 1), "{r:?}");
+        let mut rb = TunReadBuf::new(1600, 64);
+        let (mut seen, mut reads) = (0u8, 0);
+        while seen < 20 {
+            assert!(tun.wait_readable(Some(Duration::from_secs(5))).unwrap());
+            let n = match tun.read_packets(&mut rb) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("read_packets: {e}"),
+            };
+            let mut udp_here = false;
+            for p in rb.iter().take(n) {
+                if p[0] >> 4 != 4 || p[9] != 17 {
+                    continue; // IPv6 noise from the kernel
+                }
+                udp_here = true;
+                assert_eq!(p.len(), 20 + 8 + 1200);
+                assert_eq!(csum(&p[..20], 0), 0, "IPv4 header checksum");
+                assert!(l4_checksum_valid(p, 20, 17), "UDP checksum");
+                assert_eq!(&p[28..], &[seen; 1200][..]);
+                seen += 1;
+            }
+            if udp_here {
+                reads += 1;
+            }
+        }
+        eprintln!("USO: 20 datagrams arrived in {reads} TUN read(s)");
+        assert!(reads < 20, "the kernel handed over a UDP super-packet");
+    }
+
+    #[test]
+    fn partial_checksum_from_the_kernel_is_completed() {
+        require_root!();
+        use crate::io::offload::l4_checksum_valid;
+        let ns = TestNetns::new("tuncsum");
+        let tun = offload_tun(&ns, "sdt6", "10.95.0.1/24", true);
+        // A TCP SYN routed into the TUN leaves the stack CHECKSUM_PARTIAL.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter(|| {
+                    let _ = std::net::TcpStream::connect_timeout(
+                        &"10.95.0.2:80".parse().unwrap(),
+                        Duration::from_millis(1500),
+                    );
+                })
+            });
+            let mut rb = TunReadBuf::new(1600, 4);
+            loop {
+                assert!(tun.wait_readable(Some(Duration::from_secs(5))).unwrap());
+                let Ok(n) = tun.read_packets(&mut rb) else {
+                    continue;
+                };
+                let p = rb.get(n - 1);
+                if p[0] >> 4 == 4 && p[9] == 6 {
+                    assert_eq!(p[20 + 13] & 0x02, 0x02, "a SYN");
+                    assert!(l4_checksum_valid(p, 20, 6), "checksum completed");
+                    break;
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn tcp_segments_are_written_as_one_super_packet() {
+        require_root!();
+        use crate::io::offload::tests::tcp_packet;
+        use crate::io::offload::GroBatch;
+        let ns = TestNetns::new("tungro");
+        // The segments' addresses are 10.1.0.2 → 10.1.0.1.
+        let tun = offload_tun(&ns, "sdt7", "10.1.0.1/24", true);
+        let plain = offload_tun(&ns, "sdt8", "10.2.0.1/24", false);
+        let segs: Vec<Vec<u8>> = (0..10u32)
+            .map(|i| tcp_packet(false, 5000 + i * 1000, 1, 0x10, &[], &[i as u8; 1000]))
+            .collect();
+        let mut batch = GroBatch::new(16, 1600);
+        for (dev, t, frames) in [("sdt7", &tun, 1), ("sdt8", &plain, 10)] {
+            let before = rx_counters(&ns, dev);
+            for p in &segs {
+                assert!(batch.push(p));
+            }
+            let r = t.write_batch(&mut batch);
+            assert!(batch.is_empty());
+            assert_eq!(
+                (r.frames, r.packets, r.failed),
+                (frames, 10, 0),
+                "{dev}: {r:?}"
+            );
+            assert_eq!(r.coalesced_frames, usize::from(frames == 1));
+            let after = rx_counters(&ns, dev);
+            // One skb of 40 + 10 000 bytes with offloads, ten without.
+            assert_eq!(after.0 - before.0, frames as u64, "{dev} rx packets");
+            assert_eq!(
+                after.1 - before.1,
+                40 * frames as u64 + 10_000,
+                "{dev} rx bytes"
+            );
+        }
+        // Single packets still go through on the vnet-header device.
+        assert_eq!(tun.write(&segs[0]).unwrap(), segs[0].len());
     }
 }
