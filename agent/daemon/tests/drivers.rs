@@ -215,6 +215,43 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
     assert!(driver.remove_all().await.unwrap() == 0);
 }
 
+/// Lost events must not go unnoticed: while the (single-threaded) runtime
+/// is blocked, thousands of route changes overflow the event socket; the
+/// stream then reports an overrun, flagged as a possible removal of ours.
+#[tokio::test(flavor = "current_thread")]
+async fn route_event_overflow_is_reported_as_a_possible_removal() {
+    let t = node_and_pod("evovf");
+    let mut events = RouteEvents::subscribe(Some(&t.pod.path())).await.unwrap();
+    let batch: String = (0..20_000u32)
+        .map(|i| format!("route add 10.50.{}.{}/32 dev wg0\n", i / 250, i % 250 + 1))
+        .collect();
+    let file = std::env::temp_dir().join(format!("{}.batch", t.pod.name));
+    std::fs::write(&file, batch).unwrap();
+    // Synchronous on purpose: nothing drains the event socket meanwhile.
+    let out = Command::new("ip")
+        .args(["-n", &t.pod.name, "-batch"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let overrun = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let e = events.next().await.expect("event stream ended");
+            if e.overrun {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("no overrun reported");
+    assert!(overrun.removed && overrun.ours && overrun.dst.is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_routes_via_agent_pod_resolve_the_bridge() {
     let t = node_and_pod("nodebr");

@@ -284,12 +284,20 @@ impl ApplyReport {
 
 /// A route netlink event, as delivered by [`RouteEvents`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Events are triggers for a reapply, not a mirror of the table: the kernel
+/// does not announce every removal (IPv4 routes flushed with a device that
+/// goes away produce no `RTM_DELROUTE`), so a periodic resync stays needed.
 pub struct RouteEvent {
     /// The route went away (`RTM_DELROUTE`) rather than appeared.
     pub removed: bool,
     /// The route carries our protocol.
     pub ours: bool,
     pub dst: Option<IpNet>,
+    /// The socket's receive buffer overflowed and events were lost
+    /// (`ENOBUFS`). Delivered with `removed` and `ours` set, since one of the
+    /// lost events may have been the removal of a route of ours: reapply.
+    pub overrun: bool,
 }
 
 /// Kills the task driving a netlink connection when the owner goes away.
@@ -656,11 +664,25 @@ impl RouteEvents {
             let (removed, route) = match msg.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => (false, r),
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => (true, r),
+                NetlinkPayload::Overrun(_) => {
+                    warn!("route events lost (netlink receive buffer overflow)");
+                    return Some(RouteEvent {
+                        removed: true,
+                        ours: true,
+                        dst: None,
+                        overrun: true,
+                    });
+                }
                 _ => continue,
             };
             let ours = u8::from(route.header.protocol) == ROUTE_PROTOCOL;
             let dst = destination(&route);
-            return Some(RouteEvent { removed, ours, dst });
+            return Some(RouteEvent {
+                removed,
+                ours,
+                dst,
+                overrun: false,
+            });
         }
         None
     }
