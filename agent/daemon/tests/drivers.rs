@@ -428,6 +428,41 @@ fn rp_filter_loose_lands_in_the_target_namespace_only() {
     );
 }
 
+/// Loose mode really lets through what strict mode drops: a packet from a
+/// "remote pod" source arriving on an interface other than the one the
+/// route back to that source uses (asymmetric path, as during a route
+/// change).
+#[test]
+fn rp_filter_loose_accepts_asymmetric_cross_cluster_packets() {
+    let node = Netns::new("rpfx", "node");
+    let sender = Netns::new("rpfx", "snd");
+    let other = Netns::new("rpfx", "oth");
+    veth(&sender, "eth0", &node, "ina");
+    veth(&other, "eth0", &node, "inb");
+    sender.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth0"]);
+    sender.ip(&["addr", "add", "10.2.0.9/32", "dev", "lo"]);
+    node.ip(&["addr", "add", "10.98.0.1/24", "dev", "ina"]);
+    node.ip(&["addr", "add", "10.97.0.1/24", "dev", "inb"]);
+    other.ip(&["addr", "add", "10.97.0.2/24", "dev", "eth0"]);
+    // The node's route back to the remote pod range leaves through `inb`.
+    node.ip(&["route", "add", "10.2.0.0/16", "via", "10.97.0.2"]);
+    let path = node.path();
+    write_sysctl(Some(&path), "net.ipv4.conf.all.rp_filter", "1").unwrap();
+    write_sysctl(Some(&path), "net.ipv4.conf.ina.rp_filter", "1").unwrap();
+
+    // Strict: dropped. (The plain node address still gets through.)
+    assert!(udp_probe_from(&sender, "10.98.0.2", &node, "10.98.0.1").is_some());
+    assert_eq!(
+        udp_probe_from(&sender, "10.2.0.9", &node, "10.98.0.1"),
+        None
+    );
+
+    set_rp_filter_loose(Some(&path), &["ina"]).unwrap();
+    let (src, _) =
+        udp_probe_from(&sender, "10.2.0.9", &node, "10.98.0.1").expect("dropped in loose mode");
+    assert_eq!(src, "10.2.0.9".parse::<IpAddr>().unwrap());
+}
+
 fn rules_of(listing: &Value) -> Vec<&Value> {
     listing["nftables"]
         .as_array()
@@ -569,6 +604,12 @@ async fn mss_clamp_rewrites_syns_routed_into_the_tunnel() {
 /// returns the source (address, client port) the receiver saw, or `None` if
 /// nothing arrived (or the sender had no route) after a few tries.
 fn udp_probe(from: &Netns, to: &Netns, dst: &str) -> Option<(IpAddr, u16)> {
+    udp_probe_from(from, "0.0.0.0", to, dst)
+}
+
+/// [`udp_probe`] with the sender bound to source address `src`.
+fn udp_probe_from(from: &Netns, src: &str, to: &Netns, dst: &str) -> Option<(IpAddr, u16)> {
+    let src: IpAddr = src.parse().unwrap();
     let dst: IpAddr = dst.parse().unwrap();
     let receiver = in_netns(Some(&to.path()), move || UdpSocket::bind((dst, 0)))
         .unwrap()
@@ -577,7 +618,7 @@ fn udp_probe(from: &Netns, to: &Netns, dst: &str) -> Option<(IpAddr, u16)> {
     receiver
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    let sender = in_netns(Some(&from.path()), || UdpSocket::bind("0.0.0.0:0"))
+    let sender = in_netns(Some(&from.path()), move || UdpSocket::bind((src, 0)))
         .unwrap()
         .unwrap();
     let sport = sender.local_addr().unwrap().port();
