@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use sdn_tunnel_agent::drivers::netlink::{
-    NextHop, Route, RouteDriver, RouteEvents, ROUTE_PROTOCOL,
+    NextHop, Route, RouteDriver, RouteError, RouteEvents, ROUTE_PROTOCOL,
 };
-use sdn_tunnel_agent::drivers::netns::{in_netns, read_sysctl, set_rp_filter_loose, write_sysctl};
+use sdn_tunnel_agent::drivers::netns::{
+    in_netns, in_netns_async, read_sysctl, set_rp_filter_loose, write_sysctl,
+};
 use sdn_tunnel_agent::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
 use serde_json::{json, Value};
 
@@ -201,6 +203,25 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
         "{v4}"
     );
 
+    // A route whose device does not exist fails alone: the rest is still
+    // reconciled (here: 10.3.0.0/16 added) and the error says so.
+    let with_bad = vec![
+        moved[0],
+        moved[1],
+        moved[2],
+        Route::dev(net("10.3.0.0/16"), wg0),
+        Route::dev(net("10.4.0.0/16"), 999_999),
+    ];
+    match driver.apply(&with_bad).await {
+        Err(RouteError::Partial { failed, report, .. }) => {
+            assert_eq!(failed, 1);
+            assert_eq!(report.added, vec![with_bad[3]]);
+        }
+        other => panic!("expected a partial failure, got {other:?}"),
+    }
+    assert!(t.pod.our_routes("-4").contains("10.3.0.0/16 dev wg0"));
+    assert!(driver.apply(&moved).await.unwrap().deleted == vec![with_bad[3]]);
+
     // Clean shutdown: only our routes go; the foreign ones are exactly as before.
     let removed = driver.remove_all().await.unwrap();
     assert_eq!(removed, 3);
@@ -374,6 +395,27 @@ async fn node_routes_via_ptp_veth_need_onlink() {
     let (src, _) = udp_probe(&node, &pod, "10.2.3.4").expect("not delivered");
     assert_eq!(src, "10.244.1.1".parse::<IpAddr>().unwrap());
     assert_eq!(driver.remove_all().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_netns_enters_the_target_on_its_own_thread_only() {
+    let ns = Netns::new("enter", "x");
+    let here = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let mine = here();
+    let theirs = in_netns(Some(&ns.path()), here).unwrap();
+    let expected = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.name,
+        "readlink",
+        "/proc/self/ns/net",
+    ]);
+    assert_eq!(theirs.to_string_lossy(), expected.trim());
+    assert_ne!(theirs, mine);
+    assert_eq!(here(), mine, "the caller's thread must not move");
+    let theirs_async = in_netns_async(Some(&ns.path()), here).await.unwrap();
+    assert_eq!(theirs_async, theirs);
 }
 
 #[test]

@@ -95,6 +95,13 @@ pub enum RouteError {
     DesiredConflict(Route, Route),
     #[error("next hop {0} and destination {1} are of different address families")]
     FamilyMismatch(IpAddr, IpNet),
+    /// Some changes failed; the others were applied (see `report`).
+    #[error("{failed} route change(s) failed, the rest applied; first: {first}")]
+    Partial {
+        failed: usize,
+        first: Box<RouteError>,
+        report: Box<ApplyReport>,
+    },
 }
 
 /// Where a route sends packets.
@@ -489,36 +496,13 @@ impl RouteDriver {
             .map(|r| r.route.key)
             .collect();
         let mut report = ApplyReport::default();
+        // One bad route (its device gone, say) must not keep the others
+        // from being reconciled: apply every change, then report failures.
+        let mut failed = Vec::new();
         for change in changes {
-            match change {
-                RouteChange::Delete(route) => {
-                    self.delete(&route).await?;
-                    report.deleted.push(route);
-                }
-                RouteChange::Replace { old, new } => {
-                    self.delete(&old).await?;
-                    match self.add(&new).await? {
-                        AddOutcome::Added => report.replaced.push(new),
-                        AddOutcome::Shadowed => {
-                            report.replaced.push(new);
-                            report.shadowed.push(new);
-                        }
-                        AddOutcome::Conflict => report.conflicts.push(new),
-                    }
-                }
-                RouteChange::Add(route) => match self.add(&route).await? {
-                    AddOutcome::Added => {
-                        if foreign_keys.contains(&route.key) && !route.is_v6() {
-                            report.shadowed.push(route);
-                        }
-                        report.added.push(route);
-                    }
-                    AddOutcome::Shadowed => {
-                        report.added.push(route);
-                        report.shadowed.push(route);
-                    }
-                    AddOutcome::Conflict => report.conflicts.push(route),
-                },
+            if let Err(e) = self.apply_change(change, &foreign_keys, &mut report).await {
+                warn!(netns = %netns::describe(self.netns()), ?change, error = %e, "route change failed");
+                failed.push(e);
             }
         }
         for route in &report.conflicts {
@@ -530,7 +514,54 @@ impl RouteDriver {
         if report.changed() {
             info!(netns = %netns::describe(self.netns()), added = report.added.len(), replaced = report.replaced.len(), deleted = report.deleted.len(), "routes reconciled");
         }
-        Ok(report)
+        let total = failed.len();
+        match failed.into_iter().next() {
+            None => Ok(report),
+            Some(first) => Err(RouteError::Partial {
+                failed: total,
+                first: Box::new(first),
+                report: Box::new(report),
+            }),
+        }
+    }
+
+    async fn apply_change(
+        &self,
+        change: RouteChange,
+        foreign_keys: &BTreeSet<RouteKey>,
+        report: &mut ApplyReport,
+    ) -> Result<(), RouteError> {
+        match change {
+            RouteChange::Delete(route) => {
+                self.delete(&route).await?;
+                report.deleted.push(route);
+            }
+            RouteChange::Replace { old, new } => {
+                self.delete(&old).await?;
+                match self.add(&new).await? {
+                    AddOutcome::Added => report.replaced.push(new),
+                    AddOutcome::Shadowed => {
+                        report.replaced.push(new);
+                        report.shadowed.push(new);
+                    }
+                    AddOutcome::Conflict => report.conflicts.push(new),
+                }
+            }
+            RouteChange::Add(route) => match self.add(&route).await? {
+                AddOutcome::Added => {
+                    if foreign_keys.contains(&route.key) && !route.is_v6() {
+                        report.shadowed.push(route);
+                    }
+                    report.added.push(route);
+                }
+                AddOutcome::Shadowed => {
+                    report.added.push(route);
+                    report.shadowed.push(route);
+                }
+                AddOutcome::Conflict => report.conflicts.push(route),
+            },
+        }
+        Ok(())
     }
 
     /// Removes every route of ours from the namespace (clean shutdown), and

@@ -51,6 +51,41 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread = spawn_in_netns(netns, f, move |r| {
+        let _ = tx.send(r);
+    })?;
+    let _ = thread.join();
+    rx.recv().map_err(|_| NetnsError::Panicked)?
+}
+
+/// [`in_netns`] for async callers: the result comes back through a channel
+/// so no tokio worker blocks waiting for the thread.
+pub async fn in_netns_async<T, F>(netns: Option<&Path>, f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    spawn_in_netns(netns, f, move |r| {
+        let _ = tx.send(r);
+    })?;
+    rx.await.map_err(|_| NetnsError::Panicked)?
+}
+
+/// Opens the namespace file here (so a bad path fails in the caller), then
+/// spawns the thread that enters it, runs `f` and hands the outcome to
+/// `done`. The thread exits right after: it is never reused.
+fn spawn_in_netns<T, F, D>(
+    netns: Option<&Path>,
+    f: F,
+    done: D,
+) -> Result<std::thread::JoinHandle<()>, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+    D: FnOnce(Result<T, NetnsError>) + Send + 'static,
+{
     let target = match netns {
         Some(path) => Some((
             path.to_path_buf(),
@@ -61,35 +96,18 @@ where
         )),
         None => None,
     };
-    let thread = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("sdnt-netns".into())
         .spawn(move || {
             if let Some((path, file)) = target {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Setns { path, source })?;
+                if let Err(source) = setns(&file, CloneFlags::CLONE_NEWNET) {
+                    done(Err(NetnsError::Setns { path, source }));
+                    return;
+                }
             }
-            Ok(f())
+            done(Ok(f()));
         })
-        .map_err(NetnsError::Spawn)?;
-    thread.join().map_err(|_| NetnsError::Panicked)?
-}
-
-/// [`in_netns`] for async callers: the thread is joined through a channel so
-/// no tokio worker blocks on it.
-pub async fn in_netns_async<T, F>(netns: Option<&Path>, f: F) -> Result<T, NetnsError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let netns = netns.map(Path::to_path_buf);
-    std::thread::Builder::new()
-        .name("sdnt-netns-join".into())
-        .spawn(move || {
-            let _ = tx.send(in_netns(netns.as_deref(), f));
-        })
-        .map_err(NetnsError::Spawn)?;
-    rx.await.map_err(|_| NetnsError::Panicked)?
+        .map_err(NetnsError::Spawn)
 }
 
 /// Path of a sysctl under `/proc/sys` from its key, refusing keys that could
@@ -173,6 +191,24 @@ pub fn set_rp_filter_loose(netns: Option<&Path>, interfaces: &[&str]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_on_a_thread_and_reports_bad_paths_and_panics() {
+        assert_eq!(in_netns(None, || 42).unwrap(), 42);
+        assert!(matches!(
+            in_netns(Some(Path::new("/nonexistent/netns")), || ()),
+            Err(NetnsError::Open { .. })
+        ));
+        // a regular file is not a namespace: setns refuses it
+        assert!(matches!(
+            in_netns(Some(Path::new("/proc/self/status")), || ()),
+            Err(NetnsError::Setns { .. })
+        ));
+        assert!(matches!(
+            in_netns(None, || -> () { panic!("boom") }),
+            Err(NetnsError::Panicked)
+        ));
+    }
 
     #[test]
     fn sysctl_keys_cannot_escape_proc_sys() {
