@@ -17,6 +17,7 @@ pub mod cidr;
 pub mod desired;
 pub mod evaluate;
 pub mod mesh;
+pub mod services;
 pub mod status;
 
 pub use desired::{
