@@ -15,6 +15,7 @@
 
 pub mod cidr;
 pub mod desired;
+pub mod dns;
 pub mod evaluate;
 pub mod mesh;
 pub mod services;

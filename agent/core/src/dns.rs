@@ -1,0 +1,1209 @@
+//! DNS records of the `cluster.<name>` zones and of the merged zone
+//! (`cluster.all` by default), from the declared clusters, each cluster's
+//! Services and EndpointSlices, and the health of the tunnels.
+//!
+//! Pure: the caller passes plain copies of what the watches hold and `now`.
+//!
+//! # Zones
+//!
+//! - For every declared cluster (local included) its zone
+//!   ([`TunnelClusterSpec::dns_zone`], default `cluster.<name>`) answers
+//!   `<svc>.<ns>.svc.<zone>` with the Service's ClusterIP (A or AAAA), or for
+//!   a headless Service with the IPs of its ready, not terminating
+//!   endpoints (and `<hostname>.<svc>.<ns>.svc.<zone>` per endpoint);
+//!   `_<port>._<proto>.<svc>.<ns>.svc.<zone>` answers SRV for every named
+//!   port. A cluster zone is served from the last known state of that
+//!   cluster, whatever the state of its tunnel.
+//! - The merged zone answers the same names with the union over the local
+//!   cluster and every remote cluster whose tunnel works
+//!   ([`tunnel_health`]) and which has the Service.
+//!
+//! # Working tunnel
+//!
+//! A remote cluster `C` has a working tunnel at `now` when **both**:
+//!
+//! 1. some node of the local cluster wrote its `TunnelPeer` status at most
+//!    `max_status_age` ago, and that status has a peer of `C` in state
+//!    `Connected` whose handshake, aged by the age of the status, is at most
+//!    [`HANDSHAKE_FRESH_SECS`] old; and
+//! 2. some node of `C` (its `TunnelPeer` as read through `C`'s API) wrote its
+//!    status at most `max_status_age` ago, and that status has a peer of the
+//!    local cluster in state `Connected`.
+//!
+//! (1) is the local view of the tunnel. (2) makes the answer follow the
+//! remote side within `max_status_age`: agents that die, or a cluster whose
+//! API cannot be reached any more (its statuses stop advancing in our
+//! store), drop out as soon as their last status is too old, without
+//! waiting for the WireGuard session to expire (180 s). `max_status_age`
+//! must exceed the agents' status interval (a few intervals: 3 × 5 s by
+//! default); status times come from other machines' clocks, so clocks must
+//! agree within a small fraction of it (NTP). A status dated in the future
+//! counts as just written.
+//!
+//! # Odd Services
+//!
+//! ExternalName Services, Services without ports or without a ClusterIP,
+//! ClusterIPs outside the cluster's declared service CIDRs (e.g. IPv6-only
+//! in an IPv4 cluster), names that are not DNS labels, and Services with
+//! more than [`MAX_PORTS`] ports are skipped with a [`SkipReason`];
+//! endpoints outside the declared pod CIDRs are left out the same way.
+//! Nothing of one Service affects another.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use sdn_tunnel_api::{PeerState, TunnelCluster, TunnelPeer};
+
+use crate::cidr::parse_cidr;
+use crate::status::HANDSHAKE_FRESH_SECS;
+
+/// Default name of the merged zone.
+pub const DEFAULT_MERGED_ZONE: &str = "cluster.all";
+/// Default `max_status_age`: three times the agents' default status interval.
+pub const DEFAULT_MAX_STATUS_AGE_SECS: i64 = 15;
+/// A Service with more ports than this is skipped.
+pub const MAX_PORTS: usize = 256;
+/// Label of an EndpointSlice naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How DNS records are computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPolicy {
+    /// Name of the merged zone (`cluster.all`).
+    pub merged_zone: String,
+    /// How old a `TunnelPeer` status may be and still count, in seconds.
+    pub max_status_age_secs: i64,
+}
+
+impl Default for DnsPolicy {
+    fn default() -> Self {
+        DnsPolicy {
+            merged_zone: DEFAULT_MERGED_ZONE.into(),
+            max_status_age_secs: DEFAULT_MAX_STATUS_AGE_SECS,
+        }
+    }
+}
+
+/// What is known of one cluster: its TunnelPeers, Services and
+/// EndpointSlices, as last seen.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterObjects {
+    pub peers: Vec<TunnelPeer>,
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+/// Everything the DNS records depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct DnsInput<'a> {
+    /// Name of the local cluster.
+    pub local_cluster: &'a str,
+    /// The declared clusters (local included).
+    pub clusters: &'a [TunnelCluster],
+    /// What is watched of each cluster, by cluster name.
+    pub objects: &'a BTreeMap<String, ClusterObjects>,
+    pub now: Timestamp,
+    pub policy: &'a DnsPolicy,
+}
+
+/// Data of one record.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordData {
+    /// An A or AAAA record, by the address family.
+    Addr(IpAddr),
+    /// An SRV record (served with priority 0 and equal weights).
+    Srv { port: u16, target: String },
+}
+
+/// One zone: record data by owner name (lower case, absolute, without the
+/// trailing dot).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Zone {
+    pub records: BTreeMap<String, BTreeSet<RecordData>>,
+}
+
+impl Zone {
+    fn add(&mut self, name: String, data: RecordData) {
+        self.records.entry(name).or_default().insert(data);
+    }
+
+    /// Every address `name` resolves to.
+    pub fn addrs(&self, name: &str) -> BTreeSet<IpAddr> {
+        self.records
+            .get(&name.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|d| match d {
+                RecordData::Addr(ip) => Some(*ip),
+                RecordData::Srv { .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// Why a Service, an endpoint or a zone was left out.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SkipReason {
+    ExternalName,
+    NoPorts,
+    TooManyPorts(usize),
+    NoClusterIp,
+    BadClusterIp(String),
+    /// The ClusterIP is outside the cluster's declared service CIDRs.
+    OutsideServiceCidrs(IpAddr),
+    /// An endpoint address outside the cluster's declared pod CIDRs.
+    EndpointOutsidePodCidrs(IpAddr),
+    BadEndpointAddress(String),
+    BadName(String),
+    /// The zone of a cluster is the merged zone, or another cluster's zone.
+    ZoneConflict(String),
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::ExternalName => write!(f, "ExternalName Service (not served)"),
+            SkipReason::NoPorts => write!(f, "Service without ports"),
+            SkipReason::TooManyPorts(n) => write!(f, "{n} ports, more than {MAX_PORTS}"),
+            SkipReason::NoClusterIp => write!(f, "Service without a ClusterIP"),
+            SkipReason::BadClusterIp(s) => write!(f, "ClusterIP {s:?} is not an IP address"),
+            SkipReason::OutsideServiceCidrs(ip) => {
+                write!(f, "ClusterIP {ip} outside the declared service CIDRs")
+            }
+            SkipReason::EndpointOutsidePodCidrs(ip) => {
+                write!(f, "endpoint {ip} outside the declared pod CIDRs")
+            }
+            SkipReason::BadEndpointAddress(s) => write!(f, "endpoint address {s:?} is not an IP"),
+            SkipReason::BadName(s) => write!(f, "{s:?} is not a DNS label"),
+            SkipReason::ZoneConflict(z) => write!(f, "zone {z} is served for another cluster"),
+        }
+    }
+}
+
+/// Something left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    pub cluster: String,
+    /// `namespace/name` of the Service, or the zone.
+    pub object: String,
+    pub reason: SkipReason,
+}
+
+/// Whether a remote cluster's tunnel works, and why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TunnelHealth {
+    Working,
+    /// No fresh local status reports a Connected peer of the cluster.
+    NotConnectedHere,
+    /// No fresh status of the cluster's nodes reports a Connected local peer.
+    NotConnectedThere,
+}
+
+/// The records to serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsRecords {
+    /// Zones by name (lower case, without the trailing dot); the merged zone
+    /// included.
+    pub zones: BTreeMap<String, Zone>,
+    /// Health of every declared remote cluster.
+    pub tunnels: BTreeMap<String, TunnelHealth>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// `<svc>.<ns>.svc.<zone>`.
+pub fn service_fqdn(service: &str, namespace: &str, zone: &str) -> String {
+    format!("{service}.{namespace}.svc.{zone}").to_ascii_lowercase()
+}
+
+/// The Service and namespace of `<svc>.<ns>.svc.<zone>`; `None` for any
+/// other name.
+pub fn parse_service_fqdn(name: &str, zone: &str) -> Option<(String, String)> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let zone = zone.trim_end_matches('.').to_ascii_lowercase();
+    let rest = name.strip_suffix(&zone)?.strip_suffix(".svc.")?;
+    let (svc, ns) = rest.split_once('.')?;
+    (is_dns_label(svc) && is_dns_label(ns)).then(|| (svc.to_string(), ns.to_string()))
+}
+
+/// RFC 1123 label: 1–63 of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn age_secs(t: Timestamp, now: Timestamp) -> i64 {
+    now.duration_since(t).as_secs().max(0)
+}
+
+/// Peers of `cluster` that `peer`'s fresh status reports Connected, with the
+/// handshake aged by the age of the status; `None` when the status is
+/// missing or too old.
+fn fresh_connected_to<'p>(
+    peer: &'p TunnelPeer,
+    cluster: &'p str,
+    now: Timestamp,
+    max_age: i64,
+) -> impl Iterator<Item = i64> + 'p {
+    let status = peer.status.as_ref();
+    let age = status
+        .and_then(|s| s.last_update.as_ref())
+        .map(|t| age_secs(t.0, now))
+        .filter(|a| *a <= max_age);
+    status
+        .into_iter()
+        .filter(move |_| age.is_some())
+        .flat_map(|s| s.peers.iter())
+        .filter(move |r| r.cluster == cluster && r.state == PeerState::Connected)
+        .map(move |r| r.last_handshake_age_seconds.unwrap_or(0).max(0) + age.unwrap_or(0))
+}
+
+/// The health of every remote cluster's tunnel (see the module docs for the
+/// rule). `objects` holds the TunnelPeers of the local cluster and of each
+/// remote cluster.
+pub fn tunnel_health(
+    local_cluster: &str,
+    remote_clusters: &[&str],
+    objects: &BTreeMap<String, ClusterObjects>,
+    now: Timestamp,
+    max_status_age_secs: i64,
+) -> BTreeMap<String, TunnelHealth> {
+    let peers_of = |cluster: &str| -> Vec<&TunnelPeer> {
+        objects
+            .get(cluster)
+            .map(|o| {
+                o.peers
+                    .iter()
+                    .filter(|p| p.spec.cluster == cluster)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let local_peers = peers_of(local_cluster);
+    remote_clusters
+        .iter()
+        .map(|&remote| {
+            let here = local_peers.iter().any(|p| {
+                fresh_connected_to(p, remote, now, max_status_age_secs)
+                    .any(|hs| hs <= HANDSHAKE_FRESH_SECS)
+            });
+            let there = peers_of(remote).iter().any(|p| {
+                fresh_connected_to(p, local_cluster, now, max_status_age_secs)
+                    .any(|hs| hs <= HANDSHAKE_FRESH_SECS)
+            });
+            let health = match (here, there) {
+                (true, true) => TunnelHealth::Working,
+                (false, _) => TunnelHealth::NotConnectedHere,
+                (true, false) => TunnelHealth::NotConnectedThere,
+            };
+            (remote.to_string(), health)
+        })
+        .collect()
+}
+
+/// The records of one Service in one cluster, relative to a zone: what
+/// `render` turns into names. Sets, so that merging clusters is a union.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ServiceEntry {
+    /// ClusterIP, or the ready endpoints of a headless Service.
+    addrs: BTreeSet<IpAddr>,
+    /// Headless endpoints with a name: hostname label → addresses.
+    hosts: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// `(port name, protocol, port, target host label or None for the
+    /// Service name)`.
+    srv: BTreeSet<(String, String, u16, Option<String>)>,
+}
+
+impl ServiceEntry {
+    fn merge(&mut self, other: &ServiceEntry) {
+        self.addrs.extend(other.addrs.iter().copied());
+        for (h, ips) in &other.hosts {
+            self.hosts.entry(h.clone()).or_default().extend(ips);
+        }
+        self.srv.extend(other.srv.iter().cloned());
+    }
+
+    fn render(&self, zone: &mut Zone, svc: &str, ns: &str, zone_name: &str) {
+        let base = service_fqdn(svc, ns, zone_name);
+        for ip in &self.addrs {
+            zone.add(base.clone(), RecordData::Addr(*ip));
+        }
+        for (host, ips) in &self.hosts {
+            for ip in ips {
+                zone.add(format!("{host}.{base}"), RecordData::Addr(*ip));
+            }
+        }
+        for (pname, proto, port, host) in &self.srv {
+            let target = match host {
+                Some(h) => format!("{h}.{base}"),
+                None => base.clone(),
+            };
+            zone.add(
+                format!("_{pname}._{proto}.{base}"),
+                RecordData::Srv {
+                    port: *port,
+                    target,
+                },
+            );
+        }
+    }
+}
+
+type ServiceKey = (String, String); // (namespace, name)
+
+fn parse_cidrs(list: &[String]) -> Vec<IpNet> {
+    list.iter().filter_map(|c| parse_cidr(c).ok()).collect()
+}
+
+fn inside(ip: IpAddr, nets: &[IpNet]) -> bool {
+    nets.is_empty() || nets.iter().any(|n| n.contains(&ip))
+}
+
+fn protocol_label(p: Option<&String>) -> String {
+    p.map(|s| s.to_ascii_lowercase())
+        .unwrap_or_else(|| "tcp".into())
+}
+
+/// Host label of a headless endpoint: its `hostname`, or its address with
+/// `.`/`:` replaced by `-` (as Kubernetes DNS does).
+fn endpoint_host(hostname: Option<&String>, ip: IpAddr) -> String {
+    match hostname {
+        Some(h) if is_dns_label(h) => h.clone(),
+        _ => ip.to_string().replace(['.', ':'], "-"),
+    }
+}
+
+/// The entries of every Service of one cluster.
+fn cluster_entries(
+    cluster: &str,
+    spec: &sdn_tunnel_api::TunnelClusterSpec,
+    objects: &ClusterObjects,
+    skipped: &mut Vec<Skipped>,
+) -> BTreeMap<ServiceKey, ServiceEntry> {
+    let service_cidrs = parse_cidrs(&spec.service_cidrs);
+    let pod_cidrs = parse_cidrs(&spec.pod_cidrs);
+    let mut out = BTreeMap::new();
+    let mut skip = |object: String, reason: SkipReason| {
+        skipped.push(Skipped {
+            cluster: cluster.to_string(),
+            object,
+            reason,
+        })
+    };
+    // Slices by Service.
+    let mut slices: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in &objects.slices {
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        if let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices.entry((ns, svc.clone())).or_default().push(s);
+        }
+    }
+    for svc in &objects.services {
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let object = format!("{ns}/{name}");
+        for label in [&name, &ns] {
+            if !is_dns_label(label) {
+                skip(object.clone(), SkipReason::BadName(label.clone()));
+            }
+        }
+        if !is_dns_label(&name) || !is_dns_label(&ns) {
+            continue;
+        }
+        let Some(s) = svc.spec.as_ref() else {
+            skip(object, SkipReason::NoPorts);
+            continue;
+        };
+        if s.type_.as_deref() == Some("ExternalName") {
+            skip(object, SkipReason::ExternalName);
+            continue;
+        }
+        let ports = s.ports.clone().unwrap_or_default();
+        if ports.is_empty() {
+            skip(object, SkipReason::NoPorts);
+            continue;
+        }
+        if ports.len() > MAX_PORTS {
+            skip(object, SkipReason::TooManyPorts(ports.len()));
+            continue;
+        }
+        let mut entry = ServiceEntry::default();
+        match s.cluster_ip.as_deref() {
+            None | Some("") => {
+                skip(object, SkipReason::NoClusterIp);
+                continue;
+            }
+            Some("None") => {
+                // Headless: ready, not terminating endpoints.
+                for slice in slices
+                    .get(&(ns.clone(), name.clone()))
+                    .into_iter()
+                    .flatten()
+                {
+                    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+                        continue;
+                    }
+                    let slice_ports = slice.ports.clone().unwrap_or_default();
+                    for ep in &slice.endpoints {
+                        let cond = ep.conditions.as_ref();
+                        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+                        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+                        if !ready || terminating {
+                            continue;
+                        }
+                        for a in &ep.addresses {
+                            let ip: IpAddr = match a.parse() {
+                                Ok(ip) => ip,
+                                Err(_) => {
+                                    skip(object.clone(), SkipReason::BadEndpointAddress(a.clone()));
+                                    continue;
+                                }
+                            };
+                            if !inside(ip, &pod_cidrs) {
+                                skip(object.clone(), SkipReason::EndpointOutsidePodCidrs(ip));
+                                continue;
+                            }
+                            let host = endpoint_host(ep.hostname.as_ref(), ip);
+                            entry.addrs.insert(ip);
+                            entry.hosts.entry(host.clone()).or_default().insert(ip);
+                            for p in &slice_ports {
+                                let (Some(pname), Some(port)) = (p.name.as_ref(), p.port) else {
+                                    continue;
+                                };
+                                let Ok(port) = u16::try_from(port) else {
+                                    continue;
+                                };
+                                if is_dns_label(pname) {
+                                    entry.srv.insert((
+                                        pname.clone(),
+                                        protocol_label(p.protocol.as_ref()),
+                                        port,
+                                        Some(host.clone()),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Some(ip) => {
+                let ip: IpAddr = match ip.parse() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        skip(object, SkipReason::BadClusterIp(ip.to_string()));
+                        continue;
+                    }
+                };
+                if !inside(ip, &service_cidrs) {
+                    skip(object, SkipReason::OutsideServiceCidrs(ip));
+                    continue;
+                }
+                entry.addrs.insert(ip);
+                for p in &ports {
+                    let Some(pname) = p.name.as_ref().filter(|n| is_dns_label(n)) else {
+                        continue;
+                    };
+                    let Ok(port) = u16::try_from(p.port) else {
+                        continue;
+                    };
+                    entry.srv.insert((
+                        pname.clone(),
+                        protocol_label(p.protocol.as_ref()),
+                        port,
+                        None,
+                    ));
+                }
+            }
+        }
+        out.insert((ns, name), entry);
+    }
+    out
+}
+
+/// The records of every zone (see the module docs).
+pub fn dns_records(input: DnsInput<'_>) -> DnsRecords {
+    let merged_zone = input
+        .policy
+        .merged_zone
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let mut out = DnsRecords::default();
+    let remotes: Vec<&str> = input
+        .clusters
+        .iter()
+        .filter(|c| c.spec.cluster_name != input.local_cluster)
+        .map(|c| c.spec.cluster_name.as_str())
+        .collect();
+    out.tunnels = tunnel_health(
+        input.local_cluster,
+        &remotes,
+        input.objects,
+        input.now,
+        input.policy.max_status_age_secs,
+    );
+    let empty = ClusterObjects::default();
+    let mut merged: BTreeMap<ServiceKey, ServiceEntry> = BTreeMap::new();
+    let mut clusters: Vec<&TunnelCluster> = input.clusters.iter().collect();
+    clusters.sort_by(|a, b| a.spec.cluster_name.cmp(&b.spec.cluster_name));
+    for c in clusters {
+        let name = c.spec.cluster_name.as_str();
+        let zone_name = c.spec.dns_zone().trim_end_matches('.').to_ascii_lowercase();
+        let objects = input.objects.get(name).unwrap_or(&empty);
+        let entries = cluster_entries(name, &c.spec, objects, &mut out.skipped);
+        if zone_name == merged_zone || out.zones.contains_key(&zone_name) {
+            out.skipped.push(Skipped {
+                cluster: name.to_string(),
+                object: zone_name.clone(),
+                reason: SkipReason::ZoneConflict(zone_name),
+            });
+        } else {
+            let mut zone = Zone::default();
+            for ((ns, svc), e) in &entries {
+                e.render(&mut zone, svc, ns, &zone_name);
+            }
+            out.zones.insert(zone_name, zone);
+        }
+        let in_merged =
+            name == input.local_cluster || out.tunnels.get(name) == Some(&TunnelHealth::Working);
+        if in_merged {
+            for (key, e) in entries {
+                merged.entry(key).or_default().merge(&e);
+            }
+        }
+    }
+    let mut zone = Zone::default();
+    for ((ns, svc), e) in &merged {
+        e.render(&mut zone, svc, ns, &merged_zone);
+    }
+    out.zones.insert(merged_zone, zone);
+    out.skipped.sort();
+    out.skipped.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::fixtures::{cluster, peer};
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use proptest::prelude::*;
+    use sdn_tunnel_api::{RemotePeerStatus, TunnelPeerStatus};
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(NOW).unwrap()
+    }
+
+    fn clusters() -> Vec<TunnelCluster> {
+        vec![
+            cluster("east", &["10.1.0.0/16"], &["10.101.0.0/16"], true),
+            cluster("west", &["10.2.0.0/16"], &["10.102.0.0/16"], false),
+            cluster(
+                "north",
+                &["10.3.0.0/16", "fd00:3::/48"],
+                &["10.103.0.0/16", "fd00:103::/108"],
+                false,
+            ),
+        ]
+    }
+
+    fn service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                cluster_ip: Some(cluster_ip.into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(n, port, proto)| ServicePort {
+                            name: (!n.is_empty()).then(|| n.to_string()),
+                            port: *port,
+                            protocol: Some(proto.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `(addresses, hostname, ready, terminating)`.
+    type Ep<'a> = (&'a [&'a str], Option<&'a str>, Option<bool>, Option<bool>);
+
+    fn slice(
+        ns: &str,
+        svc: &str,
+        family: &str,
+        ports: &[(&str, i32)],
+        eps: &[Ep<'_>],
+    ) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{svc}-{family}")),
+                namespace: Some(ns.into()),
+                labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
+                ..Default::default()
+            },
+            address_type: family.into(),
+            endpoints: eps
+                .iter()
+                .map(|(addrs, host, ready, term)| Endpoint {
+                    addresses: addrs.iter().map(|s| s.to_string()).collect(),
+                    hostname: host.map(String::from),
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        serving: None,
+                        terminating: *term,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| EndpointPort {
+                        name: Some(n.to_string()),
+                        port: Some(*p),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A TunnelPeer of `cluster` whose status, written `age` seconds ago,
+    /// reports the given peers of `of` with their state and handshake age.
+    fn peer_seeing(
+        cluster: &str,
+        node: &str,
+        age: i64,
+        of: &str,
+        seen: &[(PeerState, Option<i64>)],
+    ) -> TunnelPeer {
+        let mut p = peer(cluster, node, 1, &["10.9.0.0/24"]);
+        p.status = Some(TunnelPeerStatus {
+            peers: seen
+                .iter()
+                .enumerate()
+                .map(|(i, (state, hs))| RemotePeerStatus {
+                    cluster: of.into(),
+                    node: format!("{of}-{i}"),
+                    public_key: crate::fixtures::key(7),
+                    endpoint: None,
+                    state: *state,
+                    reason: None,
+                    message: None,
+                    last_handshake_age_seconds: *hs,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    rtt_micros: None,
+                })
+                .collect(),
+            conditions: vec![],
+            last_update: Some(Time(Timestamp::from_second(NOW - age).unwrap())),
+        });
+        p
+    }
+
+    fn connected(here: &str, there: &str, age: i64) -> (TunnelPeer, TunnelPeer) {
+        (
+            peer_seeing(here, "h1", age, there, &[(PeerState::Connected, Some(3))]),
+            peer_seeing(there, "t1", age, here, &[(PeerState::Connected, Some(3))]),
+        )
+    }
+
+    /// east local; `web` in every cluster, `only-west` in west; the tunnel
+    /// to west and north up.
+    fn world() -> BTreeMap<String, ClusterObjects> {
+        let (e_w, w_e) = connected("east", "west", 1);
+        let (e_n, n_e) = connected("east", "north", 1);
+        let mut m = BTreeMap::new();
+        m.insert(
+            "east".into(),
+            ClusterObjects {
+                peers: vec![e_w, e_n],
+                services: vec![service(
+                    "demo",
+                    "web",
+                    "10.101.0.10",
+                    &[("http", 80, "TCP")],
+                )],
+                slices: vec![],
+            },
+        );
+        m.insert(
+            "west".into(),
+            ClusterObjects {
+                peers: vec![w_e],
+                services: vec![
+                    service("demo", "web", "10.102.0.10", &[("http", 80, "TCP")]),
+                    service("demo", "only-west", "10.102.0.11", &[("dns", 53, "UDP")]),
+                ],
+                slices: vec![],
+            },
+        );
+        m.insert(
+            "north".into(),
+            ClusterObjects {
+                peers: vec![n_e],
+                services: vec![service(
+                    "demo",
+                    "web",
+                    "fd00:103::10",
+                    &[("http", 8080, "TCP")],
+                )],
+                slices: vec![],
+            },
+        );
+        m
+    }
+
+    fn records(objects: &BTreeMap<String, ClusterObjects>) -> DnsRecords {
+        dns_records(DnsInput {
+            local_cluster: "east",
+            clusters: &clusters(),
+            objects,
+            now: now(),
+            policy: &DnsPolicy::default(),
+        })
+    }
+
+    fn ips(v: &[&str]) -> BTreeSet<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn cluster_zones_answer_cluster_ips() {
+        let r = records(&world());
+        assert_eq!(
+            r.zones.keys().collect::<Vec<_>>(),
+            [
+                "cluster.all",
+                "cluster.east",
+                "cluster.north",
+                "cluster.west"
+            ]
+        );
+        let west = &r.zones["cluster.west"];
+        assert_eq!(
+            west.addrs("web.demo.svc.cluster.west"),
+            ips(&["10.102.0.10"])
+        );
+        assert_eq!(
+            west.addrs("only-west.demo.svc.cluster.west"),
+            ips(&["10.102.0.11"])
+        );
+        assert_eq!(
+            r.zones["cluster.north"].addrs("web.demo.svc.cluster.north"),
+            ips(&["fd00:103::10"])
+        );
+        assert_eq!(
+            west.records["_dns._udp.only-west.demo.svc.cluster.west"],
+            BTreeSet::from([RecordData::Srv {
+                port: 53,
+                target: "only-west.demo.svc.cluster.west".into()
+            }])
+        );
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn merged_zone_is_the_union_over_working_clusters() {
+        let r = records(&world());
+        assert!(r.tunnels.values().all(|h| *h == TunnelHealth::Working));
+        let all = &r.zones["cluster.all"];
+        assert_eq!(
+            all.addrs("web.demo.svc.cluster.all"),
+            ips(&["10.101.0.10", "10.102.0.10", "fd00:103::10"])
+        );
+        assert_eq!(
+            all.addrs("only-west.demo.svc.cluster.all"),
+            ips(&["10.102.0.11"])
+        );
+        assert_eq!(
+            all.records["_http._tcp.web.demo.svc.cluster.all"],
+            BTreeSet::from([
+                RecordData::Srv {
+                    port: 80,
+                    target: "web.demo.svc.cluster.all".into()
+                },
+                RecordData::Srv {
+                    port: 8080,
+                    target: "web.demo.svc.cluster.all".into()
+                }
+            ])
+        );
+    }
+
+    #[test]
+    fn a_down_cluster_leaves_the_merged_zone_only() {
+        let mut w = world();
+        // west's agents stopped writing 20 s ago (> 15 s).
+        w.get_mut("west").unwrap().peers = vec![peer_seeing(
+            "west",
+            "t1",
+            20,
+            "east",
+            &[(PeerState::Connected, Some(1))],
+        )];
+        let r = records(&w);
+        assert_eq!(r.tunnels["west"], TunnelHealth::NotConnectedThere);
+        assert_eq!(r.tunnels["north"], TunnelHealth::Working);
+        let all = &r.zones["cluster.all"];
+        assert_eq!(
+            all.addrs("web.demo.svc.cluster.all"),
+            ips(&["10.101.0.10", "fd00:103::10"])
+        );
+        assert!(all.addrs("only-west.demo.svc.cluster.all").is_empty());
+        assert!(!all
+            .records
+            .contains_key("_dns._udp.only-west.demo.svc.cluster.all"));
+        // The cluster's own zone keeps answering from the last known state.
+        assert_eq!(
+            r.zones["cluster.west"].addrs("web.demo.svc.cluster.west"),
+            ips(&["10.102.0.10"])
+        );
+    }
+
+    #[test]
+    fn tunnel_rule_needs_both_sides_fresh_and_connected() {
+        let health = |east: Vec<TunnelPeer>, west: Vec<TunnelPeer>| {
+            let mut m = BTreeMap::new();
+            m.insert(
+                "east".to_string(),
+                ClusterObjects {
+                    peers: east,
+                    ..Default::default()
+                },
+            );
+            m.insert(
+                "west".to_string(),
+                ClusterObjects {
+                    peers: west,
+                    ..Default::default()
+                },
+            );
+            tunnel_health("east", &["west"], &m, now(), 15)["west"]
+        };
+        let (e, w) = connected("east", "west", 0);
+        assert_eq!(
+            health(vec![e.clone()], vec![w.clone()]),
+            TunnelHealth::Working
+        );
+        // Nothing known.
+        assert_eq!(health(vec![], vec![]), TunnelHealth::NotConnectedHere);
+        // Only one side.
+        assert_eq!(
+            health(vec![], vec![w.clone()]),
+            TunnelHealth::NotConnectedHere
+        );
+        assert_eq!(
+            health(vec![e.clone()], vec![]),
+            TunnelHealth::NotConnectedThere
+        );
+        // Local status too old; exactly at the limit still counts.
+        let old = peer_seeing("east", "h1", 16, "west", &[(PeerState::Connected, Some(0))]);
+        assert_eq!(
+            health(vec![old], vec![w.clone()]),
+            TunnelHealth::NotConnectedHere
+        );
+        let edge = peer_seeing("east", "h1", 15, "west", &[(PeerState::Connected, Some(0))]);
+        assert_eq!(health(vec![edge], vec![w.clone()]), TunnelHealth::Working);
+        // Not Connected.
+        for state in [
+            PeerState::Handshaking,
+            PeerState::Stale,
+            PeerState::Rejected,
+        ] {
+            let p = peer_seeing("east", "h1", 0, "west", &[(state, Some(1))]);
+            assert_eq!(
+                health(vec![p], vec![w.clone()]),
+                TunnelHealth::NotConnectedHere
+            );
+        }
+        // A handshake that has expired once aged by the status age.
+        let p = peer_seeing(
+            "east",
+            "h1",
+            10,
+            "west",
+            &[(PeerState::Connected, Some(175))],
+        );
+        assert_eq!(
+            health(vec![p], vec![w.clone()]),
+            TunnelHealth::NotConnectedHere
+        );
+        // One good node among bad ones is enough.
+        let bad = peer_seeing(
+            "east",
+            "h2",
+            100,
+            "west",
+            &[(PeerState::Connected, Some(1))],
+        );
+        assert_eq!(
+            health(vec![bad, e.clone()], vec![w.clone()]),
+            TunnelHealth::Working
+        );
+        // Connected to another cluster does not count.
+        let other = peer_seeing("east", "h1", 0, "north", &[(PeerState::Connected, Some(1))]);
+        assert_eq!(
+            health(vec![other], vec![w.clone()]),
+            TunnelHealth::NotConnectedHere
+        );
+        // A peer object of another cluster in west's store does not speak for west.
+        let (_, mut liar) = connected("east", "west", 0);
+        liar.spec.cluster = "north".into();
+        assert_eq!(
+            health(vec![e.clone()], vec![liar]),
+            TunnelHealth::NotConnectedThere
+        );
+        // No status time at all: not fresh.
+        let mut no_time = w.clone();
+        if let Some(s) = no_time.status.as_mut() {
+            s.last_update = None;
+        }
+        assert_eq!(
+            health(vec![e.clone()], vec![no_time]),
+            TunnelHealth::NotConnectedThere
+        );
+        // A status from the (slightly) future counts as just written.
+        let future = peer_seeing("west", "t1", -3, "east", &[(PeerState::Connected, Some(1))]);
+        assert_eq!(health(vec![e], vec![future]), TunnelHealth::Working);
+    }
+
+    #[test]
+    fn headless_services_answer_ready_endpoints() {
+        let mut w = world();
+        let west = w.get_mut("west").unwrap();
+        west.services
+            .push(service("demo", "db", "None", &[("sql", 5432, "TCP")]));
+        west.slices.push(slice(
+            "demo",
+            "db",
+            "IPv4",
+            &[("sql", 5432)],
+            &[
+                (&["10.2.1.5"], Some("db-0"), Some(true), None),
+                (&["10.2.2.6"], None, None, None),
+                (&["10.2.1.7"], None, Some(false), None),
+                (&["10.2.1.8"], None, Some(true), Some(true)),
+                (&["192.168.0.1"], None, Some(true), None),
+                (&["garbage"], None, Some(true), None),
+            ],
+        ));
+        let r = records(&w);
+        let zone = &r.zones["cluster.west"];
+        assert_eq!(
+            zone.addrs("db.demo.svc.cluster.west"),
+            ips(&["10.2.1.5", "10.2.2.6"])
+        );
+        assert_eq!(
+            zone.addrs("db-0.db.demo.svc.cluster.west"),
+            ips(&["10.2.1.5"])
+        );
+        assert_eq!(
+            zone.addrs("10-2-2-6.db.demo.svc.cluster.west"),
+            ips(&["10.2.2.6"])
+        );
+        assert_eq!(
+            zone.records["_sql._tcp.db.demo.svc.cluster.west"],
+            BTreeSet::from([
+                RecordData::Srv {
+                    port: 5432,
+                    target: "10-2-2-6.db.demo.svc.cluster.west".into()
+                },
+                RecordData::Srv {
+                    port: 5432,
+                    target: "db-0.db.demo.svc.cluster.west".into()
+                },
+            ])
+        );
+        assert_eq!(
+            r.zones["cluster.all"].addrs("db.demo.svc.cluster.all"),
+            ips(&["10.2.1.5", "10.2.2.6"])
+        );
+        let reasons: Vec<&SkipReason> = r.skipped.iter().map(|s| &s.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                &SkipReason::EndpointOutsidePodCidrs("192.168.0.1".parse().unwrap()),
+                &SkipReason::BadEndpointAddress("garbage".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn odd_services_are_skipped_and_break_nothing() {
+        let mut w = world();
+        let west = w.get_mut("west").unwrap();
+        let mut ext = service("demo", "ext", "", &[("http", 80, "TCP")]);
+        if let Some(s) = ext.spec.as_mut() {
+            s.type_ = Some("ExternalName".into());
+            s.external_name = Some("example.invalid".into());
+        }
+        let many: Vec<(&str, i32, &str)> = (0..300).map(|i| ("", 1000 + i, "TCP")).collect();
+        west.services.extend([
+            ext,
+            service("demo", "noports", "10.102.0.20", &[]),
+            service("demo", "v6only", "fd00:102::1", &[("http", 80, "TCP")]),
+            service("demo", "noip", "", &[("http", 80, "TCP")]),
+            service("demo", "badip", "10.102.0.300", &[("http", 80, "TCP")]),
+            service("demo", "many", "10.102.0.21", &many),
+            service("Demo_X", "web", "10.102.0.22", &[("http", 80, "TCP")]),
+            Service::default(),
+        ]);
+        let r = records(&w);
+        let mut reasons: Vec<(String, SkipReason)> = r
+            .skipped
+            .iter()
+            .map(|s| (s.object.clone(), s.reason.clone()))
+            .collect();
+        reasons.sort();
+        assert_eq!(
+            reasons,
+            [
+                ("/".to_string(), SkipReason::BadName(String::new())),
+                ("Demo_X/web".into(), SkipReason::BadName("Demo_X".into())),
+                (
+                    "demo/badip".into(),
+                    SkipReason::BadClusterIp("10.102.0.300".into())
+                ),
+                ("demo/ext".into(), SkipReason::ExternalName),
+                ("demo/many".into(), SkipReason::TooManyPorts(300)),
+                ("demo/noip".into(), SkipReason::NoClusterIp),
+                ("demo/noports".into(), SkipReason::NoPorts),
+                (
+                    "demo/v6only".into(),
+                    SkipReason::OutsideServiceCidrs("fd00:102::1".parse().unwrap())
+                ),
+            ]
+        );
+        // The rest is as without them.
+        assert_eq!(r.zones, records(&world()).zones);
+    }
+
+    #[test]
+    fn a_zone_clash_skips_the_cluster_zone_not_the_rest() {
+        let mut cs = clusters();
+        cs[1].spec.dns_zone = Some("cluster.all".into());
+        let r = dns_records(DnsInput {
+            local_cluster: "east",
+            clusters: &cs,
+            objects: &world(),
+            now: now(),
+            policy: &DnsPolicy::default(),
+        });
+        assert!(!r.zones.contains_key("cluster.west"));
+        assert!(r
+            .skipped
+            .iter()
+            .any(|s| s.cluster == "west"
+                && s.reason == SkipReason::ZoneConflict("cluster.all".into())));
+        // west still contributes to the merged zone.
+        assert_eq!(
+            r.zones["cluster.all"].addrs("only-west.demo.svc.cluster.all"),
+            ips(&["10.102.0.11"])
+        );
+    }
+
+    #[test]
+    fn names_parse_back() {
+        assert_eq!(
+            parse_service_fqdn("Web.Demo.svc.cluster.west.", "cluster.west"),
+            Some(("web".into(), "demo".into()))
+        );
+        assert_eq!(
+            parse_service_fqdn("web.demo.svc.cluster.east", "cluster.west"),
+            None
+        );
+        assert_eq!(
+            parse_service_fqdn("a.web.demo.svc.cluster.west", "cluster.west"),
+            None
+        );
+        assert_eq!(
+            parse_service_fqdn("web.svc.cluster.west", "cluster.west"),
+            None
+        );
+    }
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z]([a-z0-9-]{0,10}[a-z0-9])?"
+    }
+
+    proptest! {
+        #[test]
+        fn service_names_round_trip(svc in label(), ns in label(), zone in "[a-z]{1,8}(\\.[a-z]{1,8}){0,2}") {
+            let fqdn = service_fqdn(&svc, &ns, &zone);
+            prop_assert_eq!(parse_service_fqdn(&fqdn, &zone), Some((svc, ns)));
+        }
+
+        /// Whatever the statuses, a cluster that is not Working contributes
+        /// nothing to the merged zone, and a Working one contributes all.
+        #[test]
+        fn down_clusters_never_appear_in_the_merged_zone(
+            ages in proptest::collection::vec((0i64..40, 0i64..40, 0i64..250, any::<bool>()), 2),
+            svcs in proptest::collection::vec((0u8..3, 0u8..4, 1u8..250), 0..12),
+        ) {
+            let names = ["west", "north"];
+            let mut objects = world();
+            for o in objects.values_mut() {
+                o.services.clear();
+            }
+            let mut east_peers = vec![];
+            for (i, (here_age, there_age, hs, connected)) in ages.iter().enumerate() {
+                let state = if *connected { PeerState::Connected } else { PeerState::Stale };
+                east_peers.push(peer_seeing("east", &format!("h{i}"), *here_age, names[i], &[(state, Some(*hs))]));
+                objects.get_mut(names[i]).unwrap().peers =
+                    vec![peer_seeing(names[i], "t1", *there_age, "east", &[(PeerState::Connected, Some(1))])];
+            }
+            objects.get_mut("east").unwrap().peers = east_peers;
+            let cidr_octet = |c: u8| match c { 0 => 101, 1 => 102, _ => 103 };
+            let cluster_name = |c: u8| ["east", "west", "north"][usize::from(c)];
+            // A Service name is unique in its namespace and cluster.
+            let svcs: BTreeMap<(u8, u8), u8> = svcs.into_iter().map(|(c, s, h)| ((c, s), h)).collect();
+            for ((c, s), host) in &svcs {
+                let ip = format!("10.{}.0.{host}", cidr_octet(*c));
+                objects.get_mut(cluster_name(*c)).unwrap().services
+                    .push(service("demo", &format!("s{s}"), &ip, &[("http", 80, "TCP")]));
+            }
+            let r = records(&objects);
+            let all = &r.zones["cluster.all"];
+            for ((c, s), host) in &svcs {
+                let ip: IpAddr = format!("10.{}.0.{host}", cidr_octet(*c)).parse().unwrap();
+                let name = service_fqdn(&format!("s{s}"), "demo", "cluster.all");
+                let up = *c == 0 || r.tunnels[cluster_name(*c)] == TunnelHealth::Working;
+                prop_assert_eq!(all.addrs(&name).contains(&ip), up);
+            }
+            for (i, (here_age, there_age, hs, connected)) in ages.iter().enumerate() {
+                let expect = *connected && *here_age <= 15 && *there_age <= 15 && hs + here_age <= HANDSHAKE_FRESH_SECS;
+                prop_assert_eq!(r.tunnels[names[i]] == TunnelHealth::Working, expect);
+            }
+        }
+    }
+}
