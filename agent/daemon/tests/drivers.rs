@@ -236,6 +236,42 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
     assert!(driver.remove_all().await.unwrap() == 0);
 }
 
+/// A bridge that goes down takes our IPv4 routes with it, silently (no
+/// RTM_DELROUTE); when it comes back the event stream says so and a
+/// reapply restores them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_down_flush_is_repaired_when_the_link_comes_back() {
+    let t = node_and_pod("linkup");
+    let driver = RouteDriver::open(Some(&t.node.path())).await.unwrap();
+    let hop = driver
+        .resolve_next_hop("10.1.1.2".parse().unwrap())
+        .await
+        .unwrap();
+    let desired = vec![Route::via(net("10.2.0.0/16"), hop)];
+    driver.apply(&desired).await.unwrap();
+    let mut events = RouteEvents::subscribe(Some(&t.node.path())).await.unwrap();
+
+    t.node.ip(&["link", "set", "cbr0", "down"]);
+    assert_eq!(t.node.our_routes("-4").trim(), "", "the kernel flushed it");
+    t.node.ip(&["link", "set", "cbr0", "up"]);
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let e = events.next().await.expect("event stream ended");
+            if e.link_up {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("no link-up event");
+    assert!(event.removed && event.ours);
+    assert_eq!(driver.apply(&desired).await.unwrap().added, desired);
+    assert!(t
+        .node
+        .our_routes("-4")
+        .contains("10.2.0.0/16 via 10.1.1.2 dev cbr0"));
+}
+
 /// Lost events must not go unnoticed: while the (single-threaded) runtime
 /// is blocked, thousands of route changes overflow the event socket; the
 /// stream then reports an overrun, flagged as a possible removal of ours.

@@ -34,6 +34,7 @@ use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
+use rtnetlink::packet_route::link::LinkFlags;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType,
@@ -305,6 +306,12 @@ pub struct RouteEvent {
     /// (`ENOBUFS`). Delivered with `removed` and `ours` set, since one of the
     /// lost events may have been the removal of a route of ours: reapply.
     pub overrun: bool,
+    /// An interface was just set up (`RTM_NEWLINK` with `IFF_UP` changed to
+    /// on). When a device goes down, IPv4 flushes every route through it
+    /// *without* sending `RTM_DELROUTE`; the device coming back is the
+    /// moment our routes can and must be restored, so this is delivered with
+    /// `removed` and `ours` set too. `dst` is `None`.
+    pub link_up: bool,
 }
 
 /// Kills the task driving a netlink connection when the owner goes away.
@@ -654,9 +661,10 @@ enum AddOutcome {
 }
 
 /// A subscription to IPv4 and IPv6 route changes (`RTNLGRP_IPV4_ROUTE`,
-/// `RTNLGRP_IPV6_ROUTE`) of one namespace, so drift (someone deleting our
-/// route, an interface going down and taking routes with it) triggers a
-/// reapply at once instead of at the next periodic resync.
+/// `RTNLGRP_IPV6_ROUTE`) and link changes (`RTNLGRP_LINK`) of one
+/// namespace, so drift (someone deleting our route, an interface going down
+/// and taking routes with it) triggers a reapply at once instead of at the
+/// next periodic resync.
 #[derive(Debug)]
 pub struct RouteEvents {
     messages: futures::channel::mpsc::UnboundedReceiver<(
@@ -675,6 +683,7 @@ impl RouteEvents {
             rtnetlink::new_multicast_connection(&[
                 MulticastGroup::Ipv4Route,
                 MulticastGroup::Ipv6Route,
+                MulticastGroup::Link,
             ])
         })
         .await?
@@ -702,7 +711,22 @@ impl RouteEvents {
                         ours: true,
                         dst: None,
                         overrun: true,
+                        link_up: false,
                     });
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    let up = LinkFlags::Up;
+                    if link.header.flags.contains(up) && link.header.change_mask.contains(up) {
+                        debug!(ifindex = link.header.index, "interface came up");
+                        return Some(RouteEvent {
+                            removed: true,
+                            ours: true,
+                            dst: None,
+                            overrun: false,
+                            link_up: true,
+                        });
+                    }
+                    continue;
                 }
                 _ => continue,
             };
@@ -713,6 +737,7 @@ impl RouteEvents {
                 ours,
                 dst,
                 overrun: false,
+                link_up: false,
             });
         }
         None
