@@ -24,6 +24,8 @@ pub mod tun;
 pub mod udp;
 
 #[cfg(test)]
+mod alloc_check;
+#[cfg(test)]
 pub(crate) mod testns;
 
 pub use offload::GroBatch;

@@ -355,7 +355,13 @@ impl Tun {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; 2 + super::offload::GRO_MAX_SEGMENTS];
-        let n = parts.len().min(iov.len());
+        let n = parts.len();
+        if n > iov.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many pieces for one TUN frame",
+            ));
+        }
         for (v, p) in iov.iter_mut().zip(parts) {
             *v = libc::iovec {
                 iov_base: p.as_ptr() as *mut libc::c_void,

@@ -459,12 +459,23 @@ impl RecvBatch {
     /// Iterates over every received datagram, splitting GRO messages.
     pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
         (0..self.count).flat_map(move |i| {
-            let (addr, data) = self.get(i);
+            let (addr, mut rest) = self.get(i);
+            // Without a GRO segment size the message is one datagram (even
+            // an empty one).
             let seg = match self.segments[i] {
-                0 => data.len().max(1),
+                0 => usize::MAX,
                 s => s,
             };
-            data.chunks(seg).map(move |d| (addr, d))
+            let mut first = true;
+            std::iter::from_fn(move || {
+                if rest.is_empty() && !first {
+                    return None;
+                }
+                first = false;
+                let (d, r) = rest.split_at(seg.min(rest.len()));
+                rest = r;
+                Some((addr, d))
+            })
         })
     }
 
@@ -901,6 +912,24 @@ mod tests {
             assert_eq!(sockaddr_to(&ss, len), Some(a));
             assert_eq!(sockaddr_to(&ss, len - 1), None, "short length is refused");
         }
+    }
+
+    #[test]
+    fn datagrams_are_split_by_the_gro_segment_size() {
+        let mut b = RecvBatch::new(3, 100);
+        let from: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        b.buf[..10].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        b.buf[200..203].copy_from_slice(&[7, 7, 7]);
+        b.lens[..3].copy_from_slice(&[10, 0, 3]);
+        b.segments[..3].copy_from_slice(&[4, 0, 0]);
+        b.addrs[..3].copy_from_slice(&[from; 3]);
+        b.count = 3;
+        let got: Vec<&[u8]> = b.datagrams().map(|(_, d)| d).collect();
+        let want: Vec<&[u8]> = vec![&[1, 2, 3, 4], &[5, 6, 7, 8], &[9, 10], &[], &[7, 7, 7]];
+        assert_eq!(got, want);
+        assert_eq!(b.segment_size(0), Some(4));
+        assert_eq!(b.segment_size(1), None);
+        assert_eq!(b.iter().count(), 3);
     }
 
     #[test]
