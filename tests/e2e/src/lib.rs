@@ -240,39 +240,54 @@ pub async fn install(lab: &Lab) -> Result<Installed> {
 /// the DaemonSet configures it (env from the downward API, the node's
 /// network namespace, a key file on the node).
 pub fn start_agents(lab: &mut Lab, installed: &Installed) -> Result<Vec<Pod>> {
-    let agent = workspace_binary("tunnel-agent")?;
     let mut pods = Vec::new();
     for plan in lab.config().plan() {
         for node in &plan.nodes {
-            let key = lab
-                .cluster_dir(&plan.name)
-                .join(format!("{}.key", node.name));
-            let env = vec![
-                ("POD_NAMESPACE".to_string(), NAMESPACE.to_string()),
-                (
-                    "KUBECONFIG".to_string(),
-                    installed.agent_kubeconfig[&plan.name].display().to_string(),
-                ),
-                ("SDN_TUNNEL_KEY_FILE".to_string(), key.display().to_string()),
-                (
-                    "SDN_TUNNEL_NODE_NETNS".to_string(),
-                    format!("/run/netns/{}", node.netns),
-                ),
-                (
-                    "SDN_TUNNEL_METRICS_ADDR".to_string(),
-                    "0.0.0.0:9586".to_string(),
-                ),
-                (
-                    "RUST_LOG".to_string(),
-                    "info,sdn_tunnel_agent=debug".to_string(),
-                ),
-            ];
-            let args = vec!["run".to_string(), "--status-interval".into(), "1s".into()];
-            let name = format!("{AGENT_POD}-{}", node.index);
-            pods.push(lab.add_pod_running(&plan.name, node.index, &name, &agent, &args, &env)?);
+            pods.push(start_agent(lab, installed, &plan.name, node.index)?);
         }
     }
     Ok(pods)
+}
+
+/// Starts the agent pod (`agent-<index>`) of one node.
+pub fn start_agent(
+    lab: &mut Lab,
+    installed: &Installed,
+    cluster: &str,
+    node_index: u8,
+) -> Result<Pod> {
+    let agent = workspace_binary("tunnel-agent")?;
+    let plan = lab.cluster(cluster)?;
+    let node = plan
+        .nodes
+        .iter()
+        .find(|n| n.index == node_index)
+        .context("no such node")?;
+    let key = lab.cluster_dir(cluster).join(format!("{}.key", node.name));
+    let kubeconfig = installed
+        .agent_kubeconfig
+        .get(cluster)
+        .context("cluster not installed")?;
+    let env = vec![
+        ("POD_NAMESPACE".to_string(), NAMESPACE.to_string()),
+        ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
+        ("SDN_TUNNEL_KEY_FILE".to_string(), key.display().to_string()),
+        (
+            "SDN_TUNNEL_NODE_NETNS".to_string(),
+            format!("/run/netns/{}", node.netns),
+        ),
+        (
+            "SDN_TUNNEL_METRICS_ADDR".to_string(),
+            "0.0.0.0:9586".to_string(),
+        ),
+        (
+            "RUST_LOG".to_string(),
+            "info,sdn_tunnel_agent=debug".to_string(),
+        ),
+    ];
+    let args = vec!["run".to_string(), "--status-interval".into(), "1s".into()];
+    let name = format!("{AGENT_POD}-{}", node.index);
+    lab.add_pod_running(cluster, node.index, &name, &agent, &args, &env)
 }
 
 /// Every TunnelPeer of every cluster, with the cluster it is in.

@@ -37,6 +37,10 @@ pub struct LabConfig {
     /// Cluster names, in order; the first is cluster 1.
     pub clusters: Vec<String>,
     pub nodes_per_cluster: u8,
+    /// Nodes added to a cluster after `up` ([`crate::Lab::add_node`]), by
+    /// cluster name: they follow the cluster's first `nodes_per_cluster`.
+    #[serde(default)]
+    pub extra_nodes: std::collections::BTreeMap<String, u8>,
     /// Second octet of the underlay `10.U.0.0/16`.
     pub underlay_octet: u8,
     /// MTU of every underlay link; pod links get the same (as a CNI would).
@@ -52,6 +56,7 @@ impl LabConfig {
             dir: default_dir(name),
             clusters: vec!["east".into(), "west".into()],
             nodes_per_cluster: 2,
+            extra_nodes: Default::default(),
             underlay_octet: 99,
             underlay_mtu: 1500,
             netem: None,
@@ -137,7 +142,8 @@ impl LabConfig {
             .enumerate()
             .map(|(i, name)| {
                 let i = u8::try_from(i + 1).unwrap_or(u8::MAX);
-                let nodes = (1..=self.nodes_per_cluster)
+                let extra = self.extra_nodes.get(name).copied().unwrap_or(0);
+                let nodes = (1..=self.nodes_per_cluster.saturating_add(extra))
                     .map(|n| NodePlan {
                         name: format!("{name}-node-{n}"),
                         netns: format!("{}-{name}-node-{n}", self.name),

@@ -379,48 +379,53 @@ pub async fn bootstrap(client: &Client, cluster: &ClusterPlan) -> Result<()> {
         .patch(LAB_AGENT_CLUSTER_ROLE, &pp, &Patch::Apply(&binding))
         .await?;
 
-    // Nodes are created (not applied): create is the one call where the
-    // apiserver keeps `status` (the addresses a kubelet would report).
-    let nodes: Api<Node> = Api::all(client.clone());
     for n in &cluster.nodes {
-        let node = Node {
-            metadata: ObjectMeta {
-                name: Some(n.name.clone()),
-                labels: Some(
-                    [
-                        ("kubernetes.io/hostname".to_string(), n.name.clone()),
-                        ("sdntunnel.io/lab".to_string(), "true".to_string()),
-                    ]
-                    .into(),
-                ),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                pod_cidr: Some(n.pod_cidr.to_string()),
-                pod_cidrs: Some(vec![n.pod_cidr.to_string()]),
-                ..Default::default()
-            }),
-            status: Some(NodeStatus {
-                addresses: Some(vec![
-                    NodeAddress {
-                        type_: "InternalIP".into(),
-                        address: n.underlay_ip.to_string(),
-                    },
-                    NodeAddress {
-                        type_: "Hostname".into(),
-                        address: n.name.clone(),
-                    },
-                ]),
-                ..Default::default()
-            }),
-        };
-        match nodes.create(&PostParams::default(), &node).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e).with_context(|| format!("creating Node {}", n.name)),
-        }
+        create_node_object(client, n).await?;
     }
     Ok(())
+}
+
+/// Creates a node's Node object (kept if it exists). Nodes are created,
+/// not applied: create is the one call where the apiserver keeps `status`
+/// (the addresses a kubelet would report).
+pub async fn create_node_object(client: &Client, n: &crate::config::NodePlan) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(n.name.clone()),
+            labels: Some(
+                [
+                    ("kubernetes.io/hostname".to_string(), n.name.clone()),
+                    ("sdntunnel.io/lab".to_string(), "true".to_string()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(n.pod_cidr.to_string()),
+            pod_cidrs: Some(vec![n.pod_cidr.to_string()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![
+                NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: n.underlay_ip.to_string(),
+                },
+                NodeAddress {
+                    type_: "Hostname".into(),
+                    address: n.name.clone(),
+                },
+            ]),
+            ..Default::default()
+        }),
+    };
+    match nodes.create(&PostParams::default(), &node).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating Node {}", n.name)),
+    }
 }
 
 fn endpointslice_v1_shim() -> Result<CustomResourceDefinition> {

@@ -54,7 +54,19 @@ pub struct Pod {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The pod's process while it runs.
     pub server: Option<ProcRecord>,
+    /// What the pod runs, so it can be restarted ([`Lab::restart_pod`]).
+    #[serde(default)]
+    pub command: Option<PodCommand>,
+}
+
+/// A pod's program, arguments and environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 /// What `state.json` records: enough to find and remove everything.
@@ -364,6 +376,7 @@ impl Lab {
             netns,
             ip,
             server: None,
+            command: None,
         };
         // Record first, so a failure half-way is still cleaned up.
         self.state.pods.push(pod.clone());
@@ -380,6 +393,11 @@ impl Lab {
             &pod.netns, program, args, &all_env, &log, &what,
         )?;
         pod.server = Some(process);
+        pod.command = Some(PodCommand {
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            env: all_env,
+        });
         if let Some(p) = self
             .state
             .pods
@@ -395,6 +413,168 @@ impl Lab {
     /// The log file of a pod's process.
     pub fn pod_log(&self, cluster: &str, name: &str) -> PathBuf {
         self.cluster_dir(cluster).join(format!("pod-{name}.log"))
+    }
+
+    /// Stops a pod's process (SIGTERM, then SIGKILL after 10 s); the pod's
+    /// namespace stays, so [`Lab::restart_pod`] can start it again.
+    pub fn stop_pod(&mut self, cluster: &str, name: &str) -> Result<()> {
+        let pod = self.pod_mut(cluster, name)?;
+        if let Some(p) = pod.server.take() {
+            p.stop(Duration::from_secs(10));
+        }
+        self.save()
+    }
+
+    /// Starts a pod's recorded command again (after [`Lab::stop_pod`] or a crash).
+    pub fn restart_pod(&mut self, cluster: &str, name: &str) -> Result<Pod> {
+        let log = self.cluster_dir(cluster).join(format!("pod-{name}.log"));
+        let pod = self.pod_mut(cluster, name)?;
+        if pod.server.as_ref().is_some_and(ProcRecord::alive) {
+            bail!("pod {name} in {cluster} is still running");
+        }
+        let cmd = pod
+            .command
+            .clone()
+            .with_context(|| format!("pod {name} has no recorded command"))?;
+        let what = format!("pod {name} ({})", cmd.program.display());
+        let process = controlplane::spawn_in_netns_with_env(
+            &pod.netns,
+            &cmd.program,
+            &cmd.args,
+            &cmd.env,
+            &log,
+            &what,
+        )?;
+        pod.server = Some(process);
+        let pod = pod.clone();
+        self.save()?;
+        Ok(pod)
+    }
+
+    fn pod_mut(&mut self, cluster: &str, name: &str) -> Result<&mut Pod> {
+        self.state
+            .pods
+            .iter_mut()
+            .find(|p| p.cluster == cluster && p.name == name)
+            .with_context(|| format!("no pod {name} in cluster {cluster}"))
+    }
+
+    /// Stops a cluster's kube-apiserver (etcd keeps running): what an API
+    /// outage looks like to the agents.
+    pub fn stop_apiserver(&mut self, cluster: &str) -> Result<()> {
+        let what = format!("kube-apiserver ({cluster})");
+        let p = self
+            .state
+            .control_plane
+            .iter()
+            .find(|p| p.what == what)
+            .with_context(|| format!("no apiserver recorded for {cluster}"))?;
+        p.stop(Duration::from_secs(15));
+        Ok(())
+    }
+
+    /// Starts a cluster's kube-apiserver again and waits until it is ready.
+    pub async fn start_apiserver(&mut self, cluster: &str) -> Result<()> {
+        let plan = self.cluster(cluster)?;
+        let what = format!("kube-apiserver ({cluster})");
+        if self
+            .state
+            .control_plane
+            .iter()
+            .any(|p| p.what == what && p.alive())
+        {
+            bail!("the apiserver of {cluster} is running");
+        }
+        let dir = self.cluster_dir(cluster);
+        let pki = pki::ClusterPki {
+            dir: dir.join("pki"),
+        };
+        let process =
+            controlplane::start_apiserver(&plan, &pki, &dir, &controlplane::apiserver_binary()?)?;
+        self.state.control_plane.retain(|p| p.what != what);
+        self.state.control_plane.push(process.clone());
+        self.save()?;
+        let client = self.client(cluster, Identity::Admin).await?;
+        controlplane::wait_ready(
+            &client,
+            &process,
+            &dir.join("kube-apiserver.log"),
+            Duration::from_secs(90),
+        )
+        .await
+    }
+
+    /// Adds a node to a running cluster: its namespace on the underlay,
+    /// routes between it and the cluster's other nodes, and its Node object.
+    pub async fn add_node(&mut self, cluster: &str) -> Result<NodePlan> {
+        let before = self.cluster(cluster)?;
+        *self
+            .state
+            .config
+            .extra_nodes
+            .entry(cluster.to_string())
+            .or_insert(0) += 1;
+        self.save()?;
+        let plan = self.cluster(cluster)?;
+        let node = plan
+            .nodes
+            .last()
+            .context("a cluster without nodes")?
+            .clone();
+        net::create_node(&self.state.config, &plan, &node)?;
+        for other in &before.nodes {
+            sys::ip_in(
+                &other.netns,
+                &[
+                    "route",
+                    "add",
+                    &node.pod_cidr.to_string(),
+                    "via",
+                    &node.underlay_ip.to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+        }
+        let client = self.client(cluster, Identity::Admin).await?;
+        controlplane::create_node_object(&client, &node).await?;
+        Ok(node)
+    }
+
+    /// Removes a node added with [`Lab::add_node`] or planned: its pods,
+    /// its namespace, the other nodes' routes to it and its Node object.
+    pub async fn remove_node(&mut self, cluster: &str, node_name: &str) -> Result<()> {
+        let plan = self.cluster(cluster)?;
+        let node = plan
+            .nodes
+            .iter()
+            .find(|n| n.name == node_name)
+            .with_context(|| format!("no node {node_name}"))?
+            .clone();
+        let pods: Vec<Pod> = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.node == node.name)
+            .cloned()
+            .collect();
+        for p in &pods {
+            if let Some(proc_) = &p.server {
+                proc_.stop(Duration::from_secs(10));
+            }
+            sys::ip(&["netns", "del", &p.netns])?;
+        }
+        self.state.pods.retain(|p| p.node != node.name);
+        for other in plan.nodes.iter().filter(|n| n.name != node.name) {
+            sys::ip_in(&other.netns, &["route", "del", &node.pod_cidr.to_string()])?;
+        }
+        sys::ip(&["netns", "del", &node.netns])?;
+        self.save()?;
+        let client = self.client(cluster, Identity::Admin).await?;
+        kube::Api::<k8s_openapi::api::core::v1::Node>::all(client)
+            .delete(&node.name, &Default::default())
+            .await?;
+        Ok(())
     }
 
     pub fn pod(&self, cluster: &str, name: &str) -> Result<&Pod> {
