@@ -238,7 +238,9 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
         mtu: Some(mtu),
         multi_queue: false,
         up: true,
-        ..TunOptions::default()
+        // Plain packets: the tunnel threads read and write one IP packet
+        // at a time (the offload path needs the batched I/O loop).
+        offload: false,
     })
     .with_context(|| format!("creating TUN device {}", cfg.interface))?;
     let bind = SocketAddr::new(
