@@ -168,6 +168,15 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
     let v6 = t.pod.our_routes("-6");
     assert!(v6.contains("fd00:2::/48 dev wg0"), "{v6}");
 
+    // The full listing has the foreign routes; ours-only has exactly ours.
+    let all = driver.installed().await.unwrap();
+    assert!(all
+        .iter()
+        .any(|r| !r.is_ours() && r.route.key.dst == net("10.2.0.0/16")));
+    let ours = driver.installed_ours().await.unwrap();
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    assert!(ours.iter().all(|r| r.is_ours()));
+
     // Idempotent: a second apply changes nothing.
     let again = driver.apply(&desired).await.unwrap();
     assert!(!again.changed(), "{again:?}");

@@ -23,7 +23,7 @@
 //! a short-lived thread that entered that namespace (see
 //! [`super::netns`]) and is then driven from tokio.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -343,7 +343,7 @@ impl RouteDriver {
             // reactor) here, inside the target namespace, and stays bound
             // to it after this thread exits.
             let _enter = runtime.enter();
-            rtnetlink::new_connection()
+            rtnetlink::new_connection_with_strict_check()
         })
         .await?
         .map_err(|source| RouteError::Socket {
@@ -455,10 +455,28 @@ impl RouteDriver {
     /// ours and foreign. Cached clones and multipath routes are skipped (we
     /// never install either).
     pub async fn installed(&self) -> Result<Vec<InstalledRoute>, RouteError> {
+        self.dump(None).await
+    }
+
+    /// Our routes only. The socket has `NETLINK_GET_STRICT_CHK` on, so the
+    /// kernel (4.20+) filters the dump by protocol itself and a node with a
+    /// large routing table (BGP, thousands of pod routes) costs nothing per
+    /// reapply; older kernels ignore the filter and the protocol check here
+    /// (and in [`plan`]) does the same job.
+    pub async fn installed_ours(&self) -> Result<Vec<InstalledRoute>, RouteError> {
+        let mut routes = self.dump(Some(ROUTE_PROTOCOL)).await?;
+        routes.retain(InstalledRoute::is_ours);
+        Ok(routes)
+    }
+
+    async fn dump(&self, protocol: Option<u8>) -> Result<Vec<InstalledRoute>, RouteError> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut message = RouteMessage::default();
             message.header.address_family = family;
+            if let Some(protocol) = protocol {
+                message.header.protocol = RouteProtocol::from(protocol);
+            }
             let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(message));
             request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
             let mut handle = self.handle.clone();
@@ -495,19 +513,14 @@ impl RouteDriver {
     /// set: anything of ours not in it is deleted). Idempotent; calling it
     /// again after someone deleted or changed one of our routes repairs it.
     pub async fn apply(&self, desired: &[Route]) -> Result<ApplyReport, RouteError> {
-        let installed = self.installed().await?;
+        let installed = self.installed_ours().await?;
         let changes = plan(&installed, desired)?;
-        let foreign_keys: BTreeSet<RouteKey> = installed
-            .iter()
-            .filter(|r| !r.is_ours())
-            .map(|r| r.route.key)
-            .collect();
         let mut report = ApplyReport::default();
         // One bad route (its device gone, say) must not keep the others
         // from being reconciled: apply every change, then report failures.
         let mut failed = Vec::new();
         for change in changes {
-            if let Err(e) = self.apply_change(change, &foreign_keys, &mut report).await {
+            if let Err(e) = self.apply_change(change, &mut report).await {
                 warn!(netns = %netns::describe(self.netns()), ?change, error = %e, "route change failed");
                 failed.push(e);
             }
@@ -535,7 +548,6 @@ impl RouteDriver {
     async fn apply_change(
         &self,
         change: RouteChange,
-        foreign_keys: &BTreeSet<RouteKey>,
         report: &mut ApplyReport,
     ) -> Result<(), RouteError> {
         match change {
@@ -555,12 +567,7 @@ impl RouteDriver {
                 }
             }
             RouteChange::Add(route) => match self.add(&route).await? {
-                AddOutcome::Added => {
-                    if foreign_keys.contains(&route.key) && !route.is_v6() {
-                        report.shadowed.push(route);
-                    }
-                    report.added.push(route);
-                }
+                AddOutcome::Added => report.added.push(route),
                 AddOutcome::Shadowed => {
                     report.added.push(route);
                     report.shadowed.push(route);
@@ -895,6 +902,7 @@ pub fn check_family(route: &Route) -> Result<(), RouteError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
