@@ -731,7 +731,11 @@ mod tests {
                 offload,
             })
             .unwrap();
-            ns.ip(&["addr", "add", cidr, "dev", name]);
+            if cidr.contains(':') {
+                ns.ip(&["addr", "add", cidr, "dev", name, "nodad"]);
+            } else {
+                ns.ip(&["addr", "add", cidr, "dev", name]);
+            }
             tun
         })
     }
@@ -943,17 +947,40 @@ mod tests {
     fn stream_through_relay(
         offload_a: bool,
         offload_b: bool,
+        v6: bool,
     ) -> ((usize, usize, usize), (usize, usize, usize)) {
         use std::io::{Read, Write};
         use std::sync::atomic::{AtomicBool, Ordering};
         let a = TestNetns::new("relaya");
         let b = TestNetns::new("relayb");
-        let ta = offload_tun(&a, "sdra", "10.96.0.1/24", offload_a);
-        let tb = offload_tun(&b, "sdrb", "10.96.0.2/24", offload_b);
-        let listener = b.enter(|| std::net::TcpListener::bind("10.96.0.2:5001").unwrap());
+        let (cidr_a, cidr_b, server_addr): (&str, &str, std::net::SocketAddr) = if v6 {
+            (
+                "fd96::1/64",
+                "fd96::2/64",
+                "[fd96::2]:5001".parse().unwrap(),
+            )
+        } else {
+            (
+                "10.96.0.1/24",
+                "10.96.0.2/24",
+                "10.96.0.2:5001".parse().unwrap(),
+            )
+        };
+        let ta = offload_tun(&a, "sdra", cidr_a, offload_a);
+        let tb = offload_tun(&b, "sdrb", cidr_b, offload_b);
+        let listener = b.enter(|| std::net::TcpListener::bind(server_addr).unwrap());
         let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
         let stop = AtomicBool::new(false);
         let (ab, ba, received) = std::thread::scope(|s| {
+            // Stops the relays however this closure ends (a failed
+            // assertion must not leave them spinning).
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
             let ab = s.spawn(|| relay(&ta, &tb, &stop));
             let ba = s.spawn(|| relay(&tb, &ta, &stop));
             let server = s.spawn(|| {
@@ -964,11 +991,9 @@ mod tests {
                 got
             });
             a.enter(|| {
-                let mut c = std::net::TcpStream::connect_timeout(
-                    &"10.96.0.2:5001".parse().unwrap(),
-                    Duration::from_secs(5),
-                )
-                .unwrap();
+                let mut c =
+                    std::net::TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))
+                        .unwrap();
                 c.write_all(&data).unwrap();
             });
             let received = server.join().unwrap();
@@ -976,7 +1001,7 @@ mod tests {
             (ab.join().unwrap(), ba.join().unwrap(), received)
         });
         eprintln!(
-            "offload a={offload_a} b={offload_b}: relay a→b: {} TSO reads split, {} GRO frames, {} packets; b→a: {:?}",
+            "offload a={offload_a} b={offload_b} v6={v6}: relay a→b: {} TSO reads split, {} GRO frames, {} packets; b→a: {:?}",
             ab.0, ab.1, ab.2, ba
         );
         assert!(
@@ -991,27 +1016,67 @@ mod tests {
     #[test]
     fn tcp_stream_through_two_offload_tuns_and_a_relay() {
         require_root!();
-        let (ab, _) = stream_through_relay(true, true);
-        assert!(
-            ab.0 > 0,
-            "the sender's kernel handed over TSO super-packets"
-        );
-        assert!(
-            ab.1 > 0,
-            "segments were coalesced on the way into the receiver"
-        );
+        for v6 in [false, true] {
+            let (ab, _) = stream_through_relay(true, true, v6);
+            assert!(
+                ab.0 > 0,
+                "the sender's kernel handed over TSO super-packets"
+            );
+            assert!(
+                ab.1 > 0,
+                "segments were coalesced on the way into the receiver"
+            );
+        }
     }
 
     #[test]
     fn tcp_stream_between_offload_and_plain_tuns() {
         require_root!();
         // Plain receiver: super-packets split, nothing coalesced.
-        let (ab, _) = stream_through_relay(true, false);
+        let (ab, _) = stream_through_relay(true, false, false);
         assert!(ab.0 > 0);
         assert_eq!(ab.1, 0);
         // Plain sender: no super-packets to split, coalescing on write.
-        let (ab, _) = stream_through_relay(false, true);
+        let (ab, _) = stream_through_relay(false, true, false);
         assert_eq!(ab.0, 0);
         assert!(ab.1 > 0);
+    }
+
+    #[test]
+    fn multi_queue_spreads_flows_over_queues() {
+        require_root!();
+        let ns = TestNetns::new("tunmq");
+        let q1 = offload_tun(&ns, "sdmq", "10.99.0.1/24", true);
+        let q2 = ns.enter(|| q1.clone_queue()).unwrap();
+        let senders: Vec<UdpSocket> = ns.enter(|| {
+            (0..16)
+                .map(|_| UdpSocket::bind("10.99.0.1:0").unwrap())
+                .collect()
+        });
+        for s in &senders {
+            s.send_to(b"flow", "10.99.0.2:4000").unwrap();
+        }
+        let mut counts = [0usize; 2];
+        let mut rb = TunReadBuf::new(1600, 4);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while counts[0] + counts[1] < 16 && std::time::Instant::now() < deadline {
+            for (k, q) in [&q1, &q2].into_iter().enumerate() {
+                if !q.wait_readable(Some(Duration::from_millis(10))).unwrap() {
+                    continue;
+                }
+                while let Ok(n) = q.read_packets(&mut rb) {
+                    counts[k] += rb
+                        .iter()
+                        .take(n)
+                        .filter(|p| p[0] >> 4 == 4 && p[9] == 17 && p.ends_with(b"flow"))
+                        .count();
+                }
+            }
+        }
+        assert_eq!(counts[0] + counts[1], 16, "{counts:?}");
+        assert!(
+            counts[0] > 0 && counts[1] > 0,
+            "both queues carry flows: {counts:?}"
+        );
     }
 }
