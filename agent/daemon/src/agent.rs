@@ -26,6 +26,7 @@ use crate::control::{self, Watches};
 use crate::drivers::netlink::{Route, RouteDriver, RouteEvents};
 use crate::drivers::netns::{set_rp_filter_loose, write_sysctl};
 use crate::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
+use crate::drivers::proxy::ProxyDriver;
 use crate::tunnel::{bind_udp, Tunnel, TunnelPeer};
 
 /// WireGuard's outer headers: IPv4 20 + UDP 8 + WireGuard 32 = 60 bytes
@@ -77,6 +78,7 @@ struct Plumbing {
     pod_routes: RouteDriver,
     pod_nft: NftDriver,
     node: Option<(RouteDriver, NftDriver)>,
+    services: ServiceProxy,
 }
 
 impl Plumbing {
@@ -103,6 +105,7 @@ impl Plumbing {
             pod_routes: RouteDriver::open(None).await?,
             pod_nft: NftDriver::new(None),
             node,
+            services: ServiceProxy::new(cfg.resync_interval),
         })
     }
 
@@ -137,6 +140,9 @@ impl Plumbing {
         }
         if let Err(e) = self.pod_nft.remove_table(POD_TABLE).await {
             warn!(error = %e, "removing pod nftables table");
+        }
+        if let Err(e) = self.services.driver.remove().await {
+            warn!(error = %e, "removing the service proxy table");
         }
         if let Some((routes, nft)) = &self.node {
             if let Err(e) = routes.remove_all().await {
@@ -378,13 +384,14 @@ async fn reconcile(
             false
         }
     };
+    let proxied = plumbing.services.apply(watches, &mesh).await;
     let mut d = decided.lock().unwrap_or_else(|e| e.into_inner());
     *d = Decided {
         mesh: Some(mesh),
         inputs,
         desired,
     };
-    failed.is_empty() && routed
+    failed.is_empty() && routed && proxied
 }
 
 async fn status_loop(
@@ -434,6 +441,84 @@ async fn status_loop(
         match control::write_status(&client, &cfg.namespace, &cfg.node_name, status.clone()).await {
             Ok(()) => previous = Some(status),
             Err(e) => warn!(error = %e, "cannot write the TunnelPeer status"),
+        }
+    }
+}
+
+/// Service proxying: the remote clusters' Services and EndpointSlices (as
+/// last seen) → `sdn_tunnel_core::services` → nftables DNAT in the pod
+/// namespace (`drivers::proxy`).
+struct ServiceProxy {
+    driver: ProxyDriver,
+    /// What was last reported as skipped, so a reason is logged once.
+    reported: Mutex<Vec<sdn_tunnel_core::services::Skipped>>,
+}
+
+impl ServiceProxy {
+    fn new(full_every: Duration) -> Self {
+        ServiceProxy {
+            driver: ProxyDriver::new(None, full_every),
+            reported: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Computes and applies the proxy for the accepted remote clusters of
+    /// `mesh`. Returns whether it applied.
+    async fn apply(&self, watches: &Watches, mesh: &sdn_tunnel_core::Mesh) -> bool {
+        use sdn_tunnel_core::services::{desired_proxy, RemoteServices};
+        let declared = watches.clusters();
+        let stores = watches.cluster_stores();
+        let held: Vec<_> = mesh
+            .clusters
+            .iter()
+            .map(|c| {
+                let selector = declared
+                    .iter()
+                    .find(|d| !d.spec.local && d.spec.cluster_name == c.name)
+                    .and_then(|d| d.spec.service_selector.clone());
+                let (services, slices) = stores
+                    .get(&c.name)
+                    .map(|s| (s.services.state(), s.slices.state()))
+                    .unwrap_or_default();
+                (c, selector, services, slices)
+            })
+            .collect();
+        let remotes: Vec<RemoteServices<'_>> = held
+            .iter()
+            .map(|(c, selector, services, slices)| RemoteServices {
+                cluster: c,
+                selector: selector.as_ref(),
+                services: services.iter().map(AsRef::as_ref).collect(),
+                slices: slices.iter().map(AsRef::as_ref).collect(),
+            })
+            .collect();
+        let state = desired_proxy(&remotes);
+        {
+            let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            if *reported != state.skipped {
+                for s in state.skipped.iter().filter(|s| !reported.contains(s)) {
+                    warn!(cluster = %s.cluster, namespace = %s.namespace, service = %s.name, reason = %s.reason, detail = %s.detail, "remote service (or part of it) not proxied");
+                }
+                *reported = state.skipped.clone();
+            }
+        }
+        match self.driver.apply(&state).await {
+            Ok(r) => {
+                if r.commands > 0 {
+                    info!(
+                        frontends = state.services.len(),
+                        full = r.full,
+                        commands = r.commands,
+                        took_ms = r.took.as_millis() as u64,
+                        "service proxy applied"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "applying the service proxy failed; retrying at the next change or resync");
+                false
+            }
         }
     }
 }

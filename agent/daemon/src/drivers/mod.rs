@@ -15,3 +15,4 @@
 pub mod netlink;
 pub mod netns;
 pub mod nftables;
+pub mod proxy;
