@@ -724,35 +724,130 @@ fn udp_probe_from(from: &Netns, src: &str, to: &Netns, dst: &str) -> Option<(IpA
 }
 
 /// A node whose pods are masqueraded when they leave through `eth0`, with a
-/// peer namespace behind `eth0` holding a "remote cluster" address
-/// (10.2.0.9) and an "outside" address (192.0.2.9).
+/// peer namespace behind `eth0` holding a "remote cluster" address and an
+/// "outside" address.
 struct MasqLab {
     node: Netns,
     client: Netns,
     ext: Netns,
+    a: &'static MasqAddrs,
 }
 
-fn masq_lab(test: &str) -> MasqLab {
+/// The addresses of a [`MasqLab`], per family.
+struct MasqAddrs {
+    /// client pod, on the node's `cbr0` (`gw`)
+    pod: &'static str,
+    pod_net: &'static str,
+    gw: &'static str,
+    /// node `eth0` / peer `up0`
+    node: &'static str,
+    peer: &'static str,
+    link_len: &'static str,
+    /// a remote cluster pod, inside `remote_cidr`, and an outside address
+    remote: &'static str,
+    remote_cidr: &'static str,
+    outside: &'static str,
+    outside_net: &'static str,
+}
+
+const V4: MasqAddrs = MasqAddrs {
+    pod: "10.1.1.5",
+    pod_net: "10.1.1.0/24",
+    gw: "10.1.1.1",
+    node: "10.99.0.1",
+    peer: "10.99.0.2",
+    link_len: "24",
+    remote: "10.2.0.9",
+    remote_cidr: "10.2.0.0/16",
+    outside: "192.0.2.9",
+    outside_net: "192.0.2.0/24",
+};
+
+const V6: MasqAddrs = MasqAddrs {
+    pod: "fd00:1:1::5",
+    pod_net: "fd00:1:1::/64",
+    gw: "fd00:1:1::1",
+    node: "fd00:99::1",
+    peer: "fd00:99::2",
+    link_len: "64",
+    remote: "fd00:2::9",
+    remote_cidr: "fd00:2::/48",
+    outside: "2001:db8::9",
+    outside_net: "2001:db8::/64",
+};
+
+fn masq_lab(test: &str, a: &'static MasqAddrs) -> MasqLab {
     let node = Netns::new(test, "node");
     let client = Netns::new(test, "cli");
     let ext = Netns::new(test, "ext");
+    let with_len = |ip: &str, len: &str| format!("{ip}/{len}");
+    let host_len = if a.pod.contains(':') { "128" } else { "32" };
+    let pod_len = a.pod_net.split('/').nth(1).unwrap();
     node.ip(&["link", "add", "cbr0", "type", "bridge"]);
-    node.ip(&["addr", "add", "10.1.1.1/24", "dev", "cbr0"]);
+    node.ip(&[
+        "addr",
+        "add",
+        &with_len(a.gw, pod_len),
+        "dev",
+        "cbr0",
+        "nodad",
+    ]);
     node.ip(&["link", "set", "cbr0", "up"]);
     veth(&node, "vcli", &client, "eth0");
     node.ip(&["link", "set", "vcli", "master", "cbr0"]);
-    client.ip(&["addr", "add", "10.1.1.5/24", "dev", "eth0"]);
-    client.ip(&["route", "add", "default", "via", "10.1.1.1"]);
+    client.ip(&[
+        "addr",
+        "add",
+        &with_len(a.pod, pod_len),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    client.ip(&["route", "add", "default", "via", a.gw]);
     veth(&node, "eth0", &ext, "up0");
-    node.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
-    ext.ip(&["addr", "add", "10.99.0.2/24", "dev", "up0"]);
-    ext.ip(&["addr", "add", "10.2.0.9/32", "dev", "lo"]);
-    ext.ip(&["addr", "add", "192.0.2.9/32", "dev", "lo"]);
-    ext.ip(&["route", "add", "10.1.0.0/16", "via", "10.99.0.1"]);
-    node.ip(&["route", "add", "10.2.0.0/16", "via", "10.99.0.2"]);
-    node.ip(&["route", "add", "192.0.2.0/24", "via", "10.99.0.2"]);
-    write_sysctl(Some(&node.path()), "net.ipv4.ip_forward", "1").unwrap();
-    MasqLab { node, client, ext }
+    node.ip(&[
+        "addr",
+        "add",
+        &with_len(a.node, a.link_len),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    ext.ip(&[
+        "addr",
+        "add",
+        &with_len(a.peer, a.link_len),
+        "dev",
+        "up0",
+        "nodad",
+    ]);
+    ext.ip(&["addr", "add", &with_len(a.remote, host_len), "dev", "lo"]);
+    ext.ip(&["addr", "add", &with_len(a.outside, host_len), "dev", "lo"]);
+    ext.ip(&["route", "add", a.pod_net, "via", a.node]);
+    node.ip(&["route", "add", a.remote_cidr, "via", a.peer]);
+    node.ip(&["route", "add", a.outside_net, "via", a.peer]);
+    let ns = Some(node.path());
+    write_sysctl(ns.as_deref(), "net.ipv4.ip_forward", "1").unwrap();
+    write_sysctl(ns.as_deref(), "net.ipv6.conf.all.forwarding", "1").unwrap();
+    MasqLab {
+        node,
+        client,
+        ext,
+        a,
+    }
+}
+
+/// An address as /proc/net/nf_conntrack prints it (IPv6 in full, `%pI6`).
+fn ct_addr(ip: &str) -> String {
+    match ip.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => v6
+            .segments()
+            .iter()
+            .map(|s| format!("{s:04x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    }
 }
 
 impl MasqLab {
@@ -760,7 +855,8 @@ impl MasqLab {
     /// conntrack entry) and returns the source address the receiver in the
     /// peer namespace saw, and the client's source port.
     fn observed_source(&self, dst: &str) -> (IpAddr, u16) {
-        udp_probe(&self.client, &self.ext, dst)
+        let any = if dst.contains(':') { "::" } else { "0.0.0.0" };
+        udp_probe_from(&self.client, any, &self.ext, dst)
             .unwrap_or_else(|| panic!("nothing arrived at {dst}"))
     }
 
@@ -779,11 +875,12 @@ impl MasqLab {
     }
 
     fn check_exemption(&self) {
-        let pod: IpAddr = "10.1.1.5".parse().unwrap();
-        let node: IpAddr = "10.99.0.1".parse().unwrap();
+        let a = self.a;
+        let pod: IpAddr = a.pod.parse().unwrap();
+        let node: IpAddr = a.node.parse().unwrap();
         // Without our table the node masquerades both (the test can fail).
-        assert_eq!(self.observed_source("10.2.0.9").0, node);
-        assert_eq!(self.observed_source("192.0.2.9").0, node);
+        assert_eq!(self.observed_source(a.remote).0, node);
+        assert_eq!(self.observed_source(a.outside).0, node);
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -791,40 +888,57 @@ impl MasqLab {
             .unwrap();
         let nft = NftDriver::new(Some(&self.node.path()));
         let rules = NodeRules {
-            remote_cidrs: vec![net("10.2.0.0/16"), net("10.102.0.0/16")],
+            remote_cidrs: vec![
+                net(V4.remote_cidr),
+                net("10.102.0.0/16"),
+                net(V6.remote_cidr),
+            ],
         };
         rt.block_on(nft.apply_node(&rules)).unwrap();
         // Remote cluster keeps the pod source; everything else is still masqueraded.
-        let (src, exempt_port) = self.observed_source("10.2.0.9");
+        let (src, exempt_port) = self.observed_source(a.remote);
         assert_eq!(src, pod);
-        let (src, masq_port) = self.observed_source("192.0.2.9");
+        let (src, masq_port) = self.observed_source(a.outside);
         assert_eq!(src, node);
         // conntrack agrees: the exempt flow has a NAT binding that maps the
         // source to itself (replies go to the pod IP), the other one to the
         // node's address.
+        let (p, r, o, n) = (
+            ct_addr(a.pod),
+            ct_addr(a.remote),
+            ct_addr(a.outside),
+            ct_addr(a.node),
+        );
         let flow = self.conntrack_line(exempt_port);
-        assert!(flow.contains("src=10.1.1.5 dst=10.2.0.9"), "{flow}");
+        assert!(flow.contains(&format!("src={p} dst={r}")), "{flow}");
         assert!(
-            flow.contains("src=10.2.0.9 dst=10.1.1.5"),
+            flow.contains(&format!("src={r} dst={p}")),
             "reply not to the pod IP: {flow}"
         );
         let flow = self.conntrack_line(masq_port);
         assert!(
-            flow.contains("src=192.0.2.9 dst=10.99.0.1"),
+            flow.contains(&format!("src={o} dst={n}")),
             "not masqueraded: {flow}"
         );
         // Replacing the table (same content) keeps it working; removing it
         // brings masquerade back for new flows.
         rt.block_on(nft.apply_node(&rules)).unwrap();
-        assert_eq!(self.observed_source("10.2.0.9").0, pod);
+        assert_eq!(self.observed_source(a.remote).0, pod);
         rt.block_on(nft.remove_table(NODE_TABLE)).unwrap();
-        assert_eq!(self.observed_source("10.2.0.9").0, node);
+        assert_eq!(self.observed_source(a.remote).0, node);
     }
 }
 
 #[test]
+fn masquerade_exemption_works_for_ipv6_too() {
+    let lab = masq_lab("masq6", &V6);
+    lab.node.exec(&["nft", "add table ip6 node_nat6; add chain ip6 node_nat6 postrouting { type nat hook postrouting priority srcnat; policy accept; }; add rule ip6 node_nat6 postrouting ip6 saddr fd00:1::/32 ip6 daddr != fd00:1::/32 oifname \"eth0\" masquerade"]);
+    lab.check_exemption();
+}
+
+#[test]
 fn masquerade_exemption_beats_the_lab_nft_masquerade_rule() {
-    let lab = masq_lab("masqnft");
+    let lab = masq_lab("masqnft", &V4);
     // The lab's node rule, verbatim (tests/lab: NODE_NAT_TABLE).
     lab.node.exec(&["nft", "add table ip lab_node_nat; add chain ip lab_node_nat postrouting { type nat hook postrouting priority srcnat; policy accept; }; add rule ip lab_node_nat postrouting ip saddr 10.1.0.0/16 ip daddr != 10.1.0.0/16 oifname \"eth0\" masquerade"]);
     let theirs = lab
@@ -840,7 +954,7 @@ fn masquerade_exemption_beats_the_lab_nft_masquerade_rule() {
 
 #[test]
 fn masquerade_exemption_beats_an_iptables_nft_masquerade() {
-    let lab = masq_lab("masqipt");
+    let lab = masq_lab("masqipt", &V4);
     // ip-masq-agent / kindnet (iptables mode) style.
     lab.node.exec(&[
         "iptables-nft",
@@ -860,6 +974,41 @@ fn masquerade_exemption_beats_an_iptables_nft_masquerade() {
     let rules = lab
         .node
         .exec(&["iptables-nft", "-t", "nat", "-S", "POSTROUTING"]);
+    assert!(rules.contains("-j MASQUERADE"), "{rules}");
+}
+
+/// Legacy iptables (x_tables `iptable_nat`, as kindnet's iptables-wrapper
+/// picks on older nodes) registers its nat table with the same nf_nat
+/// dispatcher, so the identity binding exempts from it too.
+#[test]
+fn masquerade_exemption_beats_a_legacy_iptables_masquerade() {
+    if Command::new("iptables-legacy")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("iptables-legacy is not installed; nothing to test against");
+        return;
+    }
+    let lab = masq_lab("masqleg", &V4);
+    lab.node.exec(&[
+        "iptables-legacy",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "10.1.0.0/16",
+        "!",
+        "-d",
+        "10.1.0.0/16",
+        "-j",
+        "MASQUERADE",
+    ]);
+    lab.check_exemption();
+    let rules = lab
+        .node
+        .exec(&["iptables-legacy", "-t", "nat", "-S", "POSTROUTING"]);
     assert!(rules.contains("-j MASQUERADE"), "{rules}");
 }
 
