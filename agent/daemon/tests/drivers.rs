@@ -461,6 +461,36 @@ async fn in_netns_enters_the_target_on_its_own_thread_only() {
     assert_eq!(here(), mine, "the caller's thread must not move");
     let theirs_async = in_netns_async(Some(&ns.path()), here).await.unwrap();
     assert_eq!(theirs_async, theirs);
+
+    // The other path form, /proc/<pid>/ns/net, as the agent uses for the
+    // node: a process of ours parked in the namespace.
+    ns.ip(&["link", "add", "cbr0", "type", "bridge"]);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let proc_path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link(&proc_path).ok().as_ref() != Some(&theirs) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never entered the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let via_proc = in_netns(Some(&proc_path), here).unwrap();
+    let driver = RouteDriver::open(Some(&proc_path)).await;
+    let index = match &driver {
+        Ok(d) => d.link_index("cbr0").await.ok(),
+        Err(_) => None,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(via_proc, theirs);
+    assert!(
+        index.is_some(),
+        "cbr0 not found through {proc_path:?}: {driver:?}"
+    );
 }
 
 #[test]
