@@ -6,13 +6,15 @@
 //! segment size; [`split`] cuts them into MTU-sized IP packets with correct
 //! IPv4 header, TCP/UDP header and checksums, ready to encrypt one by one.
 //! The other way, [`GroBatch`] collects decrypted packets and coalesces the
-//! TCP segments of one flow (in-order, same ACK, same options) into one
-//! super-packet described by a vnet header, written with a single `writev`
-//! (the payloads are gathered straight from the packets' slots, no copy).
+//! TCP segments of one flow (in-order, same ACK, same options), and where
+//! asked the UDP datagrams of one flow (equal sizes, a shorter last one),
+//! into one super-packet described by a vnet header, written with a single
+//! `writev` (the payloads are gathered straight from the packets' slots, no
+//! copy).
 //!
 //! This follows wireguard-go's `tun/offload_linux.go` (`gsoSplit`,
-//! `tcpGRO`), simplified: segments are only appended, never prepended, and
-//! UDP is not coalesced.
+//! `tcpGRO`, `udpGRO`), simplified: segments are only appended, never
+//! prepended.
 
 use std::fmt;
 
@@ -317,6 +319,7 @@ enum Role {
 
 #[derive(Clone, Copy, Debug)]
 struct Flow {
+    udp: bool,
     /// Addresses (IPv4 in the first 8 bytes), ports, ACK number.
     addrs: [u8; 32],
     ports: u32,
@@ -490,10 +493,16 @@ impl GroBatch {
     /// Groups the queued TCP segments of each flow into super-packets and
     /// rewrites the heads' headers; returns the number of frames.
     pub fn coalesce(&mut self) -> usize {
+        self.coalesce_with(false)
+    }
+
+    /// Like [`GroBatch::coalesce`], and with `udp` also the UDP datagrams
+    /// of each flow (for a TUN that accepted USO).
+    pub fn coalesce_with(&mut self, udp: bool) -> usize {
         self.plain();
         let mut frames = 0;
         for i in 0..self.count {
-            if self.try_merge(i) {
+            if self.try_merge(i, udp) {
                 self.roles[i] = Role::Member;
             } else {
                 frames += 1;
@@ -525,11 +534,15 @@ impl GroBatch {
                 let flow = &self.flows[usize::from(f)];
                 let hdr = VirtioNetHdr {
                     flags: VNET_F_NEEDS_CSUM,
-                    gso_type: if flow.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                    gso_type: match (flow.udp, flow.v6) {
+                        (true, _) => GSO_UDP_L4,
+                        (false, true) => GSO_TCPV6,
+                        (false, false) => GSO_TCPV4,
+                    },
                     hdr_len: flow.iph + flow.tcph,
                     gso_size: flow.mss,
                     csum_start: flow.iph,
-                    csum_offset: 16,
+                    csum_offset: if flow.udp { 6 } else { 16 },
                 };
                 Some(Frame {
                     hdr: hdr.encode(),
@@ -542,14 +555,18 @@ impl GroBatch {
     }
 
     /// Tries to append packet `i` to an open flow; otherwise, if it is a
-    /// TCP candidate, opens a flow with it as head. Returns whether merged.
-    fn try_merge(&mut self, i: usize) -> bool {
-        let Some(c) = tcp_candidate(self.packet(i)) else {
+    /// candidate, opens a flow with it as head. Returns whether merged.
+    fn try_merge(&mut self, i: usize, udp: bool) -> bool {
+        let Some(c) = candidate(self.packet(i), udp) else {
             return false;
         };
         let pkt_payload = self.lens[i] - c.iph - c.tcph;
         let found = self.flows.iter().rposition(|f| {
-            f.v6 == c.v6 && f.ports == c.ports && f.ack == c.ack && f.addrs == c.addrs
+            f.udp == c.udp
+                && f.v6 == c.v6
+                && f.ports == c.ports
+                && f.ack == c.ack
+                && f.addrs == c.addrs
         });
         if let Some(fi) = found {
             let f = self.flows[fi];
@@ -576,6 +593,7 @@ impl GroBatch {
         }
         let idx = self.flows.len() as u16;
         self.flows.push(Flow {
+            udp: c.udp,
             addrs: c.addrs,
             ports: c.ports,
             ack: c.ack,
@@ -595,9 +613,9 @@ impl GroBatch {
         false
     }
 
-    fn can_append(&self, f: &Flow, i: usize, c: &TcpCandidate, payload: usize) -> bool {
+    fn can_append(&self, f: &Flow, i: usize, c: &Candidate, payload: usize) -> bool {
         if f.closed
-            || c.seq != f.next_seq
+            || (!c.udp && c.seq != f.next_seq)
             || payload > usize::from(f.mss)
             || c.iph != usize::from(f.iph)
             || c.tcph != usize::from(f.tcph)
@@ -610,24 +628,27 @@ impl GroBatch {
         if !ip_headers_match(head, pkt, f.v6) {
             return false;
         }
-        let opts = c.iph + 20..c.iph + c.tcph;
-        if head[opts.clone()] != pkt[opts] {
-            return false;
+        if !c.udp {
+            let opts = c.iph + 20..c.iph + c.tcph;
+            if head[opts.clone()] != pkt[opts] {
+                return false;
+            }
         }
         // Never let a corrupt segment be "repaired" by the checksum the
         // kernel computes for the super-packet.
-        if !f.head_checked && !l4_checksum_valid(head, c.iph, PROTO_TCP) {
+        let proto = if c.udp { PROTO_UDP } else { PROTO_TCP };
+        if !f.head_checked && !l4_checksum_valid(head, c.iph, proto) {
             return false;
         }
-        l4_checksum_valid(pkt, c.iph, PROTO_TCP)
+        l4_checksum_valid(pkt, c.iph, proto)
     }
 
-    /// Rewrites the head's IP length, IP checksum, PSH flag and the TCP
-    /// checksum field (pseudo-header sum, `CHECKSUM_PARTIAL`).
+    /// Rewrites the head's IP length, IP checksum, PSH flag (TCP) or length
+    /// (UDP) and the checksum field (pseudo-header sum, `CHECKSUM_PARTIAL`).
     fn finish_head(&mut self, flow: &Flow) {
         let mut psh = false;
         let mut at = self.next[usize::from(flow.head)];
-        while at != u16::MAX {
+        while at != u16::MAX && !flow.udp {
             let p = self.packet(usize::from(at));
             psh |= p[usize::from(flow.iph) + 13] & TCP_PSH != 0;
             at = self.next[usize::from(at)];
@@ -646,19 +667,22 @@ impl GroBatch {
             let c = !csum_fold(csum_add(&pkt[..iph], 0));
             pkt[10..12].copy_from_slice(&c.to_be_bytes());
         }
-        if psh {
-            pkt[iph + 13] |= TCP_PSH;
-        }
-        let partial = csum_fold(pseudo_sum(
-            PROTO_TCP,
-            &pkt[addr_range(flow.v6)],
-            total - iph,
-        ));
-        pkt[iph + 16..iph + 18].copy_from_slice(&partial.to_be_bytes());
+        let (proto, csum_at) = if flow.udp {
+            pkt[iph + 4..iph + 6].copy_from_slice(&((total - iph) as u16).to_be_bytes());
+            (PROTO_UDP, iph + 6)
+        } else {
+            if psh {
+                pkt[iph + 13] |= TCP_PSH;
+            }
+            (PROTO_TCP, iph + 16)
+        };
+        let partial = csum_fold(pseudo_sum(proto, &pkt[addr_range(flow.v6)], total - iph));
+        pkt[csum_at..csum_at + 2].copy_from_slice(&partial.to_be_bytes());
     }
 }
 
-struct TcpCandidate {
+struct Candidate {
+    udp: bool,
     v6: bool,
     iph: usize,
     tcph: usize,
@@ -669,17 +693,25 @@ struct TcpCandidate {
     psh: bool,
 }
 
-/// Whether `pkt` is a TCP segment GRO may merge: plain IPv4 (no options, not
-/// a fragment) or IPv6 without extension headers, lengths consistent, only
-/// ACK (and PSH) set, some payload.
-fn tcp_candidate(pkt: &[u8]) -> Option<TcpCandidate> {
+/// Whether `pkt` is a segment GRO may merge: plain IPv4 (no options, not a
+/// fragment) or IPv6 without extension headers, lengths consistent, some
+/// payload; TCP with only ACK (and PSH) set, or (when `udp`) UDP with a
+/// consistent length and a checksum.
+fn candidate(pkt: &[u8], udp: bool) -> Option<Candidate> {
     let v6 = match pkt.first()? >> 4 {
         4 => false,
         6 => true,
         _ => return None,
     };
+    let proto = if v6 { *pkt.get(6)? } else { *pkt.get(9)? };
+    if proto == PROTO_UDP && udp {
+        return udp_candidate(pkt, v6);
+    }
+    if proto != PROTO_TCP {
+        return None;
+    }
     let iph = if v6 {
-        if pkt.len() < 60 || pkt[6] != PROTO_TCP {
+        if pkt.len() < 60 {
             return None;
         }
         if usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) != pkt.len() - 40 {
@@ -687,14 +719,7 @@ fn tcp_candidate(pkt: &[u8]) -> Option<TcpCandidate> {
         }
         40
     } else {
-        if pkt.len() < 40 || pkt[0] & 0x0f != 5 || pkt[9] != PROTO_TCP {
-            return None;
-        }
-        if usize::from(u16::from_be_bytes([pkt[2], pkt[3]])) != pkt.len() {
-            return None;
-        }
-        // More-fragments flag or a fragment offset.
-        if pkt[6] & 0x3f != 0 || pkt[7] != 0 {
+        if pkt.len() < 40 || !plain_ipv4(pkt) {
             return None;
         }
         20
@@ -713,7 +738,8 @@ fn tcp_candidate(pkt: &[u8]) -> Option<TcpCandidate> {
     let r = addr_range(v6);
     addrs[..r.len()].copy_from_slice(&pkt[r]);
     let be32 = |at: usize| u32::from_be_bytes([pkt[at], pkt[at + 1], pkt[at + 2], pkt[at + 3]]);
-    Some(TcpCandidate {
+    Some(Candidate {
+        udp: false,
         v6,
         iph,
         tcph,
@@ -722,6 +748,52 @@ fn tcp_candidate(pkt: &[u8]) -> Option<TcpCandidate> {
         seq: be32(iph + 4),
         ack: be32(iph + 8),
         psh,
+    })
+}
+
+/// IPv4 without options, total length matching, not a fragment.
+fn plain_ipv4(pkt: &[u8]) -> bool {
+    pkt.len() >= 20
+        && pkt[0] & 0x0f == 5
+        && usize::from(u16::from_be_bytes([pkt[2], pkt[3]])) == pkt.len()
+        // More-fragments flag or a fragment offset.
+        && pkt[6] & 0x3f == 0
+        && pkt[7] == 0
+}
+
+fn udp_candidate(pkt: &[u8], v6: bool) -> Option<Candidate> {
+    let iph = if v6 {
+        if usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) != pkt.len().checked_sub(40)? {
+            return None;
+        }
+        40
+    } else {
+        if !plain_ipv4(pkt) {
+            return None;
+        }
+        20
+    };
+    if pkt.len() <= iph + 8 {
+        return None;
+    }
+    let udp_len = usize::from(u16::from_be_bytes([pkt[iph + 4], pkt[iph + 5]]));
+    // A zero checksum (allowed over IPv4) cannot be verified: keep it apart.
+    if udp_len != pkt.len() - iph || (pkt[iph + 6] == 0 && pkt[iph + 7] == 0) {
+        return None;
+    }
+    let mut addrs = [0u8; 32];
+    let r = addr_range(v6);
+    addrs[..r.len()].copy_from_slice(&pkt[r]);
+    Some(Candidate {
+        udp: true,
+        v6,
+        iph,
+        tcph: 8,
+        addrs,
+        ports: u32::from_be_bytes([pkt[iph], pkt[iph + 1], pkt[iph + 2], pkt[iph + 3]]),
+        ack: 0,
+        seq: 0,
+        psh: false,
     })
 }
 
@@ -802,6 +874,32 @@ pub(crate) mod tests {
         p
     }
 
+    /// A UDP datagram from 10.1.0.2:4000 (or fd00::2) to port 51820 with
+    /// valid checksums and the given IPv4 ID.
+    pub(crate) fn udp_packet(v6: bool, id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p = ip_header(v6, PROTO_UDP, 8 + payload.len());
+        if !v6 {
+            p[4..6].copy_from_slice(&id.to_be_bytes());
+            p[10] = 0;
+            p[11] = 0;
+            let c = !csum_fold(csum_add(&p, 0));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let iph = p.len();
+        p.extend_from_slice(&4000u16.to_be_bytes());
+        p.extend_from_slice(&51820u16.to_be_bytes());
+        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        let acc = pseudo_sum(PROTO_UDP, &p[addr_range(v6)], p.len() - iph);
+        let mut c = !csum_fold(csum_add(&p[iph..], acc));
+        if c == 0 {
+            c = 0xffff;
+        }
+        p[iph + 6..iph + 8].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
     /// A TSO super-packet as the kernel hands it over: one header set, the
     /// TCP checksum field holding only the pseudo-header sum.
     fn tso_frame(
@@ -864,11 +962,19 @@ pub(crate) mod tests {
 
     /// Coalesces `pkts` and splits every resulting frame again.
     fn coalesce_then_split(pkts: &[Vec<u8>], stride: usize) -> (usize, usize, Vec<Vec<u8>>) {
+        coalesce_then_split_with(pkts, stride, false)
+    }
+
+    fn coalesce_then_split_with(
+        pkts: &[Vec<u8>],
+        stride: usize,
+        udp: bool,
+    ) -> (usize, usize, Vec<Vec<u8>>) {
         let mut b = GroBatch::new(pkts.len(), stride);
         for p in pkts {
             assert!(b.push(p));
         }
-        let frames = b.coalesce();
+        let frames = b.coalesce_with(udp);
         let mut coalesced = 0;
         let mut again = Vec::new();
         let mut flat = Vec::new();
@@ -968,6 +1074,31 @@ pub(crate) mod tests {
         }
 
         #[test]
+        fn udp_gro_then_split_round_trips(
+            v6 in any::<bool>(),
+            count in 1usize..100,
+            size in 1usize..1400,
+            last in 1usize..1400,
+        ) {
+            let last = last.min(size);
+            let pkts: Vec<Vec<u8>> = (0..count)
+                .map(|i| {
+                    let len = if i + 1 == count { last } else { size };
+                    udp_packet(v6, 0x4000u16.wrapping_add(i as u16), &vec![i as u8; len])
+                })
+                .collect();
+            let (frames, coalesced, again) = coalesce_then_split_with(&pkts, 1600, true);
+            prop_assert!(again == pkts, "re-splitting the coalesced datagrams gives them back");
+            let hl = if v6 { 48 } else { 28 };
+            let per_frame = GRO_MAX_SEGMENTS.min((65_535 - hl) / size);
+            prop_assert_eq!(frames, count.div_ceil(per_frame));
+            prop_assert_eq!(coalesced > 0, count > 1);
+            // Without `udp`, nothing is coalesced.
+            let (frames, coalesced, _) = coalesce_then_split_with(&pkts, 1600, false);
+            prop_assert_eq!((frames, coalesced), (count, 0));
+        }
+
+        #[test]
         fn split_never_panics_on_garbage(
             frame in proptest::collection::vec(any::<u8>(), 0..3000),
             hdr in proptest::collection::vec(any::<u8>(), VNET_HDR_LEN),
@@ -988,10 +1119,39 @@ pub(crate) mod tests {
             for p in &pkts {
                 prop_assert!(b.push(p));
             }
-            b.coalesce();
+            b.coalesce_with(true);
             let total: usize = b.frames().map(|f| 1 + f.tails().count()).sum();
             prop_assert_eq!(total, pkts.len());
         }
+    }
+
+    #[test]
+    fn udp_gro_refuses_unsafe_merges() {
+        let d = |i: u16, len: usize| udp_packet(false, i, &vec![9; len]);
+        let frames = |pkts: Vec<Vec<u8>>| coalesce_then_split_with(&pkts, 1600, true).0;
+        assert_eq!(frames(vec![d(0, 500), d(1, 500), d(2, 300)]), 1);
+        // A longer datagram after a shorter one, and anything after a short
+        // tail, start a new super-packet.
+        assert_eq!(frames(vec![d(0, 500), d(1, 600)]), 2);
+        assert_eq!(frames(vec![d(0, 500), d(1, 300), d(2, 300)]), 2);
+        // Corrupt checksum, zero checksum, other port.
+        let mut bad = d(1, 500);
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(frames(vec![d(0, 500), bad, d(2, 500)]), 3);
+        let mut zero = d(1, 500);
+        zero[26] = 0;
+        zero[27] = 0;
+        assert_eq!(frames(vec![d(0, 500), zero]), 2);
+        let mut other = d(1, 500);
+        other[20..22].copy_from_slice(&4001u16.to_be_bytes());
+        let acc = pseudo_sum(PROTO_UDP, &other[12..20], other.len() - 20);
+        other[26] = 0;
+        other[27] = 0;
+        let c = !csum_fold(csum_add(&other[20..], acc));
+        other[26..28].copy_from_slice(&c.to_be_bytes());
+        assert!(l4_checksum_valid(&other, 20, PROTO_UDP));
+        assert_eq!(frames(vec![d(0, 500), other, d(2, 500)]), 2);
     }
 
     #[test]

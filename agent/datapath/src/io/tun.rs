@@ -305,14 +305,15 @@ impl Tun {
     }
 
     /// Writes every packet of `batch` and clears it. With TSO accepted, the
-    /// TCP segments of one flow are first coalesced into super-packets (one
-    /// `writev` each, payloads gathered from their slots); otherwise each
-    /// packet is written on its own. A frame the kernel refuses is counted
+    /// TCP segments of one flow (and with USO the UDP datagrams of one flow)
+    /// are first coalesced into super-packets (one `writev` each, payloads
+    /// gathered from their slots); otherwise each packet is written on its
+    /// own. A frame the kernel refuses is counted
     /// and skipped.
     pub fn write_batch(&self, batch: &mut GroBatch) -> TunWriteReport {
         let mut report = TunWriteReport::default();
         if self.offloads.vnet_hdr && self.offloads.tso {
-            batch.coalesce();
+            batch.coalesce_with(self.offloads.uso);
         } else {
             batch.plain();
         }
@@ -1078,5 +1079,58 @@ mod tests {
             counts[0] > 0 && counts[1] > 0,
             "both queues carry flows: {counts:?}"
         );
+    }
+
+    #[test]
+    fn udp_datagrams_are_written_as_one_super_packet() {
+        require_root!();
+        use crate::io::offload::tests::udp_packet;
+        use crate::io::offload::GroBatch;
+        use crate::io::udp::{RecvBatch, UdpOptions, UdpSocket, GRO_SLOT_SIZE};
+        let ns = TestNetns::new("tunugro");
+        // The datagrams go from 10.1.0.2:4000 to 10.1.0.1:51820.
+        let tun = offload_tun(&ns, "sdtu", "10.1.0.1/24", true);
+        assert!(tun.offloads().uso);
+        let mut batch = GroBatch::new(32, 1600);
+        for (gro, round) in [(false, 0u8), (true, 1)] {
+            let sock = UdpSocket::bind(&UdpOptions {
+                netns: Some(ns.path()),
+                gro,
+                ..UdpOptions::new("10.1.0.1:51820".parse().unwrap())
+            })
+            .unwrap();
+            let before = rx_counters(&ns, "sdtu");
+            for i in 0..20u16 {
+                let len = if i == 19 { 333 } else { 1000 };
+                let payload = vec![(i as u8) ^ round; len];
+                assert!(batch.push(&udp_packet(false, 0x100 + i, &payload)));
+            }
+            let r = tun.write_batch(&mut batch);
+            assert_eq!(
+                (r.frames, r.coalesced_frames, r.packets, r.failed),
+                (1, 1, 20, 0),
+                "{r:?}"
+            );
+            let after = rx_counters(&ns, "sdtu");
+            assert_eq!(after.0 - before.0, 1, "one skb");
+            assert_eq!(after.1 - before.1, 28 + 19 * 1000 + 333);
+            // The socket sees the 20 datagrams (split by the kernel, or as
+            // one GRO message it hands over whole).
+            let mut rb = RecvBatch::new(8, GRO_SLOT_SIZE);
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut coalesced = false;
+            while got.len() < 20 {
+                assert!(sock.wait_readable(Some(Duration::from_secs(5))).unwrap());
+                if let Ok(n) = sock.recv_batch(&mut rb) {
+                    coalesced |= (0..n).any(|i| rb.segment_size(i).is_some());
+                    got.extend(rb.datagrams().map(|(_, d)| d.to_vec()));
+                }
+            }
+            for (i, d) in got.iter().enumerate() {
+                let len = if i == 19 { 333 } else { 1000 };
+                assert!(*d == vec![(i as u8) ^ round; len], "datagram {i}");
+            }
+            assert_eq!(coalesced, gro, "a GRO socket gets the super-packet whole");
+        }
     }
 }
