@@ -16,6 +16,7 @@ pub mod allowed_ips;
 pub mod device;
 pub mod io;
 pub mod keys;
+pub mod runtime;
 
 pub use allowed_ips::AllowedIps;
 pub use device::{
