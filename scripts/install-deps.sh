@@ -11,4 +11,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: no cargo on PATH: install Rust >= 1.89 with rustup (https://rustup.rs) first" >&2; exit 1
 fi
 bash "$here/tests/lab/build-apiserver.sh" >/dev/null
+# `wg` (wireguard-tools) and Debian's wireguard-go: the UAPI and interop test
+# of `tunnel-agent wg` (agent/daemon/tests/standalone_wg.rs).
+if ! command -v wg >/dev/null 2>&1 || ! command -v wireguard-go >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wireguard-tools wireguard-go >/dev/null
+fi
 echo "install-deps: lab prerequisites and kube-apiserver ready" >&2

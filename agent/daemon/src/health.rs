@@ -1,9 +1,12 @@
 //! `/healthz` (the process answers) and `/readyz` (local cluster synced,
 //! TunnelPeer published, tunnel up, last apply succeeded) for the
-//! DaemonSet's probes.
+//! DaemonSet's probes, and `/metrics` (see [`crate::metrics`]).
+
+use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
@@ -11,15 +14,50 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::agent::Readiness;
+use crate::metrics::{self, Metrics};
 
-/// Serves the probes until the process ends.
-pub async fn serve(listener: TcpListener, readiness: watch::Receiver<Readiness>) {
+/// Serves the probes and `/metrics` until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    readiness: watch::Receiver<Readiness>,
+    metrics: Arc<Metrics>,
+) {
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(readiness);
+        .with_state(readiness)
+        .merge(common(metrics));
     if let Err(e) = axum::serve(listener, app).await {
         warn!(error = %e, "health endpoint stopped");
+    }
+}
+
+/// Serves `/healthz` and `/metrics` only (standalone mode: there is no
+/// control plane to be ready for).
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+    if let Err(e) = axum::serve(listener, common(metrics)).await {
+        warn!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+fn common(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .with_state(metrics)
+}
+
+async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.render() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+            text,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics: {e}\n"),
+        ),
     }
 }
 

@@ -7,4 +7,7 @@ pub mod config;
 pub mod control;
 pub mod drivers;
 pub mod health;
+pub mod metrics;
+pub mod standalone;
 pub mod tunnel;
+pub mod uapi;

@@ -2,15 +2,20 @@
 //!
 //! `tunnel-agent run` terminates the userspace WireGuard tunnel in the
 //! agent's pod, publishes this node's TunnelPeer and follows the mesh;
-//! `tunnel-agent keys` prints the node's public key.
+//! `tunnel-agent keys` prints the node's public key; `tunnel-agent wg
+//! <iface>` runs the tunnel alone, configured with `wg set` (no Kubernetes).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use sdn_tunnel_agent::agent::{self, Readiness};
 use sdn_tunnel_agent::config::AgentConfig;
 use sdn_tunnel_agent::health;
+use sdn_tunnel_agent::metrics::Metrics;
+use sdn_tunnel_agent::standalone::{self, StandaloneConfig};
+use sdn_tunnel_agent::uapi;
 use sdn_tunnel_datapath::keys::PrivateKey;
 
 #[derive(Debug, Parser)]
@@ -35,6 +40,9 @@ enum Command {
     },
     /// Print the agent version and the API version it speaks.
     Version,
+    /// Run the tunnel alone, configured through the WireGuard UAPI socket
+    /// (`wg set`, `wg setconf`), like `wireguard-go -f <iface>`.
+    Wg(StandaloneConfig),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
             .map(|(k, _)| println!("{}", k.public_key().to_base64()))
             .map_err(anyhow::Error::from),
         Command::Run(cfg) => run(*cfg),
+        Command::Wg(cfg) => standalone::run(cfg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,7 +86,25 @@ fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let (readiness_tx, readiness_rx) = tokio::sync::watch::channel(Readiness::default());
         let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await?;
-        tokio::spawn(health::serve(listener, readiness_rx));
+        let metrics = Arc::new(Metrics::new(&cfg.interface));
+        tokio::spawn(health::serve(listener, readiness_rx, metrics));
+        // `wg show` reads the tunnel; the control plane owns its peers, so
+        // UAPI sets are refused. Several agents on one machine (the lab)
+        // share the socket directory: only the first gets the socket.
+        let uapi_dir = std::env::var_os("SDN_TUNNEL_UAPI_DIR")
+            .map_or_else(|| PathBuf::from(uapi::DEFAULT_SOCKET_DIR), PathBuf::from);
+        let _uapi = uapi::Server::start(
+            &uapi_dir,
+            &cfg.interface,
+            uapi::Target::ReadOnly {
+                interface: cfg.interface.clone(),
+                key_file: Some(cfg.key_file.clone()),
+            },
+        )
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "no UAPI socket: `wg show` will not see this agent"),
+        )
+        .ok();
         agent::run(cfg, readiness_tx).await
     })
 }

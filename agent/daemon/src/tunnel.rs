@@ -14,9 +14,9 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use nix::sched::{setns, CloneFlags};
@@ -33,6 +33,78 @@ const BUF_LEN: usize = 65_536 + 256;
 const POLL: Duration = Duration::from_millis(250);
 /// boringtun's timers want a tick every 100-250 ms.
 const TIMER_TICK: Duration = Duration::from_millis(100);
+/// How often dead sessions of keepalive peers are re-armed (see
+/// [`needs_handshake_rearm`]).
+const REARM_EVERY: Duration = Duration::from_secs(5);
+/// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
+pub const SESSION_DEAD_AFTER: Duration = Duration::from_secs(180);
+
+/// Whether the timer thread should start a handshake with this peer now.
+/// boringtun stops retrying after 90 s of failed handshakes (REKEY_ATTEMPT_TIME)
+/// even with a persistent keepalive, until traffic comes; the kernel keeps
+/// trying. So a peer that has a keepalive and an endpoint but no live
+/// session (none, or older than [`SESSION_DEAD_AFTER`]) is re-armed. While
+/// a handshake is in flight boringtun ignores the request, so this never
+/// speeds up its own retry schedule.
+pub fn needs_handshake_rearm(peer: &PeerStats) -> bool {
+    peer.persistent_keepalive.is_some_and(|k| k > 0)
+        && peer.endpoint.is_some()
+        && peer
+            .last_handshake_age
+            .is_none_or(|age| age > SESSION_DEAD_AFTER)
+}
+
+/// Tunnels running in this process, by TUN name, so that telemetry started
+/// beside the control plane (`/metrics`, UAPI `get` under `run`) finds the
+/// tunnel that `agent::run` creates. Weak: it never keeps a device alive.
+static RUNNING: Mutex<Vec<Running>> = Mutex::new(Vec::new());
+/// TUN name, device, UDP address.
+type Running = (String, Weak<Mutex<Device>>, SocketAddr);
+
+/// Read access to a running tunnel's device (see [`running`]).
+#[derive(Clone)]
+pub struct TunnelView {
+    device: Arc<Mutex<Device>>,
+    local_addr: SocketAddr,
+}
+
+impl TunnelView {
+    /// Counters of every peer.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        lock(&self.device).stats()
+    }
+    /// Device-wide drop counters.
+    pub fn drops(&self) -> DropCounters {
+        lock(&self.device).drops()
+    }
+    /// The device's public key.
+    pub fn public_key(&self) -> PublicKey {
+        lock(&self.device).public_key()
+    }
+    /// Where the UDP socket listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+    /// Runs `f` on the device, locked: reads that need several calls
+    /// consistent with each other (UAPI `get`).
+    pub fn with_device<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
+        f(&lock(&self.device))
+    }
+}
+
+/// The tunnel running in this process on TUN `interface`, if any.
+pub fn running(interface: &str) -> Option<TunnelView> {
+    let reg = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    reg.iter().rev().find_map(|(name, device, local_addr)| {
+        (name == interface)
+            .then(|| device.upgrade())
+            .flatten()
+            .map(|device| TunnelView {
+                device,
+                local_addr: *local_addr,
+            })
+    })
+}
 
 /// Opens a UDP socket bound to `addr`, inside the network namespace at
 /// `netns` when given (e.g. `/proc/1/ns/net`, `/run/netns/<name>`).
@@ -70,6 +142,7 @@ pub struct Tunnel {
     threads: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
     udp: Arc<UdpSocket>,
+    tun: Arc<Tun>,
 }
 
 fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
@@ -108,12 +181,18 @@ impl Tunnel {
                 .spawn(move || timers(&d, &s, &u))?,
         );
         info!(%local_addr, "tunnel running");
+        {
+            let mut reg = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+            reg.retain(|(_, d, _)| d.strong_count() > 0);
+            reg.push((tun.name().to_owned(), Arc::downgrade(&device), local_addr));
+        }
         Ok(Tunnel {
             device,
             stop,
             threads,
             local_addr,
             udp,
+            tun,
         })
     }
 
@@ -172,6 +251,61 @@ impl Tunnel {
     pub fn drops(&self) -> DropCounters {
         lock(&self.device).drops()
     }
+
+    /// Read access for telemetry.
+    pub fn view(&self) -> TunnelView {
+        TunnelView {
+            device: self.device.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+
+    /// Runs `f` on the device, locked (UAPI `set` in standalone mode).
+    pub fn with_device_mut<R>(&self, f: impl FnOnce(&mut Device) -> R) -> R {
+        f(&mut lock(&self.device))
+    }
+
+    /// Starts a handshake with `key` now (a keepalive just turned on).
+    pub fn initiate_handshake(&self, key: &PublicKey) {
+        let mut out = vec![0u8; BUF_LEN];
+        if let Outcome::Network { to, datagram } =
+            lock(&self.device).initiate_handshake(key, &mut out)
+        {
+            send(&self.udp, to, datagram);
+        }
+    }
+
+    /// Stops the threads and hands back the device and the TUN, to start
+    /// them again on another socket (UAPI `listen_port`). Telemetry views
+    /// ([`running`]) are held for microseconds; one still held after a
+    /// second makes this fail, and the tunnel stays stopped.
+    pub fn into_parts(mut self) -> io::Result<(Device, Tun)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let mut device = self.device.clone();
+        let tun = self.tun.clone();
+        drop(self);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let device = loop {
+            match Arc::try_unwrap(device) {
+                Ok(m) => break m.into_inner().unwrap_or_else(|e| e.into_inner()),
+                Err(d) if Instant::now() < deadline => {
+                    device = d;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return Err(io::Error::other("the device is still in use")),
+            }
+        };
+        let tun = Arc::try_unwrap(tun).map_err(|_| io::Error::other("the TUN is still in use"))?;
+        Ok((device, tun))
+    }
+
+    /// The UDP socket (to set `SO_MARK` for UAPI `fwmark`).
+    pub fn udp_socket(&self) -> &UdpSocket {
+        &self.udp
+    }
 }
 
 impl Drop for Tunnel {
@@ -208,6 +342,8 @@ fn tun_to_udp(device: &Mutex<Device>, stop: &AtomicBool, tun: &Tun, udp: &UdpSoc
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     warn!(error = %e, "reading the TUN device");
+                    // Do not spin on a persistent error.
+                    std::thread::sleep(POLL);
                     break;
                 }
             };
@@ -261,8 +397,60 @@ fn udp_to_tun(device: &Mutex<Device>, stop: &AtomicBool, tun: &Tun, udp: &UdpSoc
 
 fn timers(device: &Mutex<Device>, stop: &AtomicBool, udp: &UdpSocket) {
     let mut out = vec![0u8; BUF_LEN];
+    let mut last_rearm = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(TIMER_TICK);
-        lock(device).update_timers(&mut out, |to, datagram| send(udp, to, datagram));
+        let mut dev = lock(device);
+        dev.update_timers(&mut out, |to, datagram| send(udp, to, datagram));
+        if last_rearm.elapsed() >= REARM_EVERY {
+            last_rearm = Instant::now();
+            let dead: Vec<PublicKey> = dev
+                .stats()
+                .iter()
+                .filter(|p| needs_handshake_rearm(p))
+                .map(|p| p.public_key)
+                .collect();
+            for key in dead {
+                if let Outcome::Network { to, datagram } = dev.initiate_handshake(&key, &mut out) {
+                    debug!(peer = %key.to_base64(), "no live session: handshake re-armed");
+                    send(udp, to, datagram);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(keepalive: Option<u16>, endpoint: bool, age: Option<u64>) -> PeerStats {
+        PeerStats {
+            public_key: PublicKey::from_bytes([7; 32]),
+            endpoint: endpoint.then(|| SocketAddr::from(([192, 0, 2, 1], 51820))),
+            allowed_ips: Vec::new(),
+            persistent_keepalive: keepalive,
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            last_handshake_age: age.map(Duration::from_secs),
+            handshake_rtt: None,
+        }
+    }
+
+    #[test]
+    fn rearm_only_keepalive_peers_with_endpoint_and_no_live_session() {
+        // Never handshaked, or the session is past REJECT_AFTER_TIME.
+        assert!(needs_handshake_rearm(&peer(Some(25), true, None)));
+        assert!(needs_handshake_rearm(&peer(Some(25), true, Some(181))));
+        // A live session (rekeyed every 120 s) is left to boringtun.
+        assert!(!needs_handshake_rearm(&peer(Some(25), true, Some(0))));
+        assert!(!needs_handshake_rearm(&peer(Some(25), true, Some(180))));
+        // No keepalive: handshakes wait for traffic, as in WireGuard.
+        assert!(!needs_handshake_rearm(&peer(None, true, None)));
+        assert!(!needs_handshake_rearm(&peer(Some(0), true, None)));
+        // Nowhere to send.
+        assert!(!needs_handshake_rearm(&peer(Some(25), false, None)));
     }
 }

@@ -1,0 +1,418 @@
+//! `tunnel-agent wg` against the stock tools and a WireGuard nobody here
+//! wrote: our tunnel in one network namespace, Debian's `wireguard-go` in
+//! another, a veth pair between them, both configured with Debian's `wg`
+//! through `/var/run/wireguard/<iface>.sock`. TCP flows both ways through
+//! the tunnel, `wg show` reads our side, `/metrics` counts it, and a
+//! listen port change keeps the session.
+//!
+//! Needs root, `wg` (wireguard-tools) and `wireguard-go` (`make test`
+//! installs them). Namespaces and interfaces are named after the process
+//! id and removed by `Drop` guards; only processes started here are killed,
+//! and traffic only flows between the namespaces made here.
+
+// Setup helpers panic on failure on purpose: a test that cannot set up fails.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sdn_tunnel_agent::drivers::netns::in_netns;
+
+const UAPI_DIR: &str = "/var/run/wireguard";
+
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(role: &str) -> Self {
+        let name = format!("sdnt-wg-{role}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+    fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+    fn try_exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+    fn spawn(&self, args: &[&str], log: &Path) -> Proc {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+        Proc {
+            child,
+            log: log.to_owned(),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A process this test started; killed (by its pid) when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so that the socket file is removed; then make sure.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .output();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Files removed when dropped (keys, logs, a stale socket).
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn genkey(path: &Path) -> String {
+    let key = sh(&["wg", "genkey"]);
+    std::fs::write(path, &key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("sh")
+        .args(["-c", &format!("wg pubkey < {}", path.display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Sends `msg` over TCP from `from` to `to` and expects it echoed back.
+fn tcp_echo(listen_ns: &Netns, listen: SocketAddr, from_ns: &Netns, msg: &'static [u8]) {
+    let listener = in_netns(Some(&listen_ns.path()), move || TcpListener::bind(listen))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        peer
+    });
+    let mut c = in_netns(Some(&from_ns.path()), move || {
+        TcpStream::connect_timeout(&listen, Duration::from_secs(15))
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("TCP connect to {listen} through the tunnel: {e}"));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+    server.join().unwrap();
+}
+
+fn http_get(ns: &Netns, addr: SocketAddr, path: &'static str) -> String {
+    let mut s = in_netns(Some(&ns.path()), move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })
+    .unwrap()
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+#[test]
+fn wg_tools_configure_us_and_wireguard_go_interoperates() {
+    let pid = std::process::id();
+    let ours = format!("sdnwgA{}", pid % 100_000);
+    let theirs = format!("sdnwgB{}", pid % 100_000);
+    let tmp = std::env::temp_dir();
+    let key_a = tmp.join(format!("sdnt-wg-{pid}-a.key"));
+    let key_b = tmp.join(format!("sdnt-wg-{pid}-b.key"));
+    let log_a = tmp.join(format!("sdnt-wg-{pid}-a.log"));
+    let log_b = tmp.join(format!("sdnt-wg-{pid}-b.log"));
+    let _files = Cleanup(vec![
+        key_a.clone(),
+        key_b.clone(),
+        log_a.clone(),
+        log_b.clone(),
+    ]);
+
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    let (va, vb) = (format!("sdnva{pid}"), format!("sdnvb{pid}"));
+    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+    sh(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb]);
+    sh(&["ip", "link", "set", va, "netns", &a.name]);
+    sh(&["ip", "link", "set", vb, "netns", &b.name]);
+    a.ip(&["addr", "add", "192.168.231.1/24", "dev", va]);
+    b.ip(&["addr", "add", "192.168.231.2/24", "dev", vb]);
+    a.ip(&["link", "set", va, "up"]);
+    b.ip(&["link", "set", vb, "up"]);
+
+    let pub_a = genkey(&key_a);
+    let pub_b = genkey(&key_b);
+    let sock_a = Path::new(UAPI_DIR).join(format!("{ours}.sock"));
+    let sock_b = Path::new(UAPI_DIR).join(format!("{theirs}.sock"));
+
+    let ours_proc = a.spawn(
+        &[
+            env!("CARGO_BIN_EXE_tunnel-agent"),
+            "wg",
+            &ours,
+            "-f",
+            "--listen-port",
+            "51820",
+            "--metrics-addr",
+            "127.0.0.1:9586",
+        ],
+        &log_a,
+    );
+    let theirs_proc = b.spawn(&["wireguard-go", "-f", &theirs], &log_b);
+    wait_for("our UAPI socket", Duration::from_secs(20), || {
+        sock_a.exists()
+    });
+    wait_for(
+        "wireguard-go's UAPI socket",
+        Duration::from_secs(20),
+        || sock_b.exists(),
+    );
+    // The socket is root's alone, like wireguard-go's.
+    let mode = std::fs::metadata(&sock_a).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    // Configure both sides with the stock `wg`, no keepalive: the
+    // handshake must come from traffic.
+    a.exec(&[
+        "wg",
+        "set",
+        &ours,
+        "private-key",
+        key_a.to_str().unwrap(),
+        "peer",
+        &pub_b,
+        "endpoint",
+        "192.168.231.2:51821",
+        "allowed-ips",
+        "10.231.0.2/32",
+    ]);
+    b.exec(&[
+        "wg",
+        "set",
+        &theirs,
+        "listen-port",
+        "51821",
+        "private-key",
+        key_b.to_str().unwrap(),
+        "peer",
+        &pub_a,
+        "endpoint",
+        "192.168.231.1:51820",
+        "allowed-ips",
+        "10.231.0.1/32",
+    ]);
+    a.ip(&["addr", "add", "10.231.0.1/24", "dev", &ours]);
+    b.ip(&["addr", "add", "10.231.0.2/24", "dev", &theirs]);
+    b.ip(&["link", "set", &theirs, "up"]);
+
+    let show = a.exec(&["wg", "show", &ours]);
+    assert!(show.contains(&format!("public key: {pub_a}")), "{show}");
+    assert!(show.contains("listening port: 51820"), "{show}");
+    assert!(show.contains(&format!("peer: {pub_b}")), "{show}");
+    assert!(show.contains("endpoint: 192.168.231.2:51821"), "{show}");
+    assert!(show.contains("allowed ips: 10.231.0.2/32"), "{show}");
+    assert!(
+        !show.contains("latest handshake"),
+        "no traffic yet:\n{show}"
+    );
+
+    // TCP both ways through the tunnel.
+    tcp_echo(
+        &b,
+        SocketAddr::from((Ipv4Addr::new(10, 231, 0, 2), 7001)),
+        &a,
+        b"ours to wireguard-go",
+    );
+    tcp_echo(
+        &a,
+        SocketAddr::from((Ipv4Addr::new(10, 231, 0, 1), 7002)),
+        &b,
+        b"wireguard-go to ours",
+    );
+
+    let show = a.exec(&["wg", "show", &ours]);
+    eprintln!("wg show {ours} after TCP both ways:\n{show}");
+    assert!(show.contains("latest handshake:"), "{show}");
+    assert!(show.contains("transfer:"), "{show}");
+    let hs = a.exec(&["wg", "show", &ours, "latest-handshakes"]);
+    let t: u64 = hs.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        t > 0 && t <= now + 1 && now - t < 120,
+        "handshake at {t}, now {now}"
+    );
+    // wireguard-go saw the same session from its side.
+    let theirs_dump = b.exec(&["wg", "show", &theirs, "dump"]);
+    let peer_line = theirs_dump.lines().nth(1).unwrap();
+    let fields: Vec<&str> = peer_line.split('\t').collect();
+    assert_eq!(fields[0], pub_a);
+    assert!(fields[4].parse::<u64>().unwrap() > 0, "{theirs_dump}");
+
+    let conf = a.exec(&["wg", "showconf", &ours]);
+    assert!(conf.contains(&format!("PublicKey = {pub_b}")), "{conf}");
+    assert!(conf.contains("ListenPort = 51820"), "{conf}");
+
+    // /metrics counts the traffic.
+    let m = http_get(&a, SocketAddr::from(([127, 0, 0, 1], 9586)), "/metrics");
+    let peer = format!("{{interface=\"{ours}\",public_key=\"{pub_b}\"}}");
+    assert!(metric(&m, &format!("sdn_tunnel_peer_receive_bytes_total{peer}")) > 0.0);
+    assert!(metric(&m, &format!("sdn_tunnel_peer_transmit_packets_total{peer}")) > 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            &format!("sdn_tunnel_peers_connected{{interface=\"{ours}\"}}")
+        ),
+        1.0
+    );
+    let h = http_get(&a, SocketAddr::from(([127, 0, 0, 1], 9586)), "/healthz");
+    assert!(
+        h.starts_with("HTTP/1.0 200") || h.starts_with("HTTP/1.1 200"),
+        "{h}"
+    );
+
+    // A new listen port keeps the session: wireguard-go follows the
+    // endpoint from our next authenticated packet.
+    a.exec(&["wg", "set", &ours, "listen-port", "51830"]);
+    let show = a.exec(&["wg", "show", &ours]);
+    assert!(show.contains("listening port: 51830"), "{show}");
+    tcp_echo(
+        &b,
+        SocketAddr::from((Ipv4Addr::new(10, 231, 0, 2), 7003)),
+        &a,
+        b"after the port change",
+    );
+    let theirs_show = b.exec(&["wg", "show", &theirs, "endpoints"]);
+    assert!(theirs_show.contains("192.168.231.1:51830"), "{theirs_show}");
+
+    // Garbage on the socket gets an errno, and the server stays up.
+    let mut raw = UnixStream::connect(&sock_a).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"set=1\nlisten_port=banana\n\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = raw.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"errno=-22\n\n");
+    // A port in use is refused (EADDRINUSE) and changes nothing.
+    let _squatter = in_netns(Some(&a.path()), || {
+        std::net::UdpSocket::bind(("0.0.0.0", 51840))
+    })
+    .unwrap()
+    .unwrap();
+    let refused = a.try_exec(&["wg", "set", &ours, "listen-port", "51840"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("Address already in use"), "{why}");
+    let show = a.exec(&["wg", "show", &ours]);
+    assert!(show.contains("listening port: 51830"), "{show}");
+    assert!(show.contains(&format!("peer: {pub_b}")), "{show}");
+
+    // Removing the peer through `wg set`.
+    a.exec(&["wg", "set", &ours, "peer", &pub_b, "remove"]);
+    let peers = a.exec(&["wg", "show", &ours, "peers"]);
+    assert!(peers.trim().is_empty(), "{peers}");
+
+    drop(theirs_proc);
+    let log = ours_proc.log();
+    drop(ours_proc);
+    assert!(!sock_a.exists(), "our socket is removed at exit");
+    assert!(!log.contains("panicked"), "{log}");
+}
