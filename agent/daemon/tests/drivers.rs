@@ -728,9 +728,18 @@ fn udp_probe(from: &Netns, to: &Netns, dst: &str) -> Option<(IpAddr, u16)> {
 fn udp_probe_from(from: &Netns, src: &str, to: &Netns, dst: &str) -> Option<(IpAddr, u16)> {
     let src: IpAddr = src.parse().unwrap();
     let dst: IpAddr = dst.parse().unwrap();
-    let receiver = in_netns(Some(&to.path()), move || UdpSocket::bind((dst, 0)))
-        .unwrap()
-        .unwrap();
+    // A just-added IPv6 address can be tentative for a moment: retry.
+    let mut tries = 0;
+    let receiver = loop {
+        match in_netns(Some(&to.path()), move || UdpSocket::bind((dst, 0))).unwrap() {
+            Ok(socket) => break socket,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("bind {dst}: {e}"),
+        }
+    };
     let port = receiver.local_addr().unwrap().port();
     receiver
         .set_read_timeout(Some(Duration::from_millis(300)))
@@ -851,8 +860,22 @@ fn masq_lab(test: &str, a: &'static MasqAddrs) -> MasqLab {
         "up0",
         "nodad",
     ]);
-    ext.ip(&["addr", "add", &with_len(a.remote, host_len), "dev", "lo"]);
-    ext.ip(&["addr", "add", &with_len(a.outside, host_len), "dev", "lo"]);
+    ext.ip(&[
+        "addr",
+        "add",
+        &with_len(a.remote, host_len),
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    ext.ip(&[
+        "addr",
+        "add",
+        &with_len(a.outside, host_len),
+        "dev",
+        "lo",
+        "nodad",
+    ]);
     ext.ip(&["route", "add", a.pod_net, "via", a.node]);
     node.ip(&["route", "add", a.remote_cidr, "via", a.peer]);
     node.ip(&["route", "add", a.outside_net, "via", a.peer]);
