@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod drivers;
 pub mod health;
 pub mod metrics;

@@ -38,6 +38,8 @@ enum Command {
         )]
         key_file: PathBuf,
     },
+    /// Serve the cluster.<name> zones and the merged zone (the DNS Deployment).
+    Dns(Box<sdn_tunnel_agent::dns::DnsConfig>),
     /// Print the agent version and the API version it speaks.
     Version,
     /// Run the tunnel alone, configured through the WireGuard UAPI socket
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
             .map(|(k, _)| println!("{}", k.public_key().to_base64()))
             .map_err(anyhow::Error::from),
         Command::Run(cfg) => run(*cfg),
+        Command::Dns(cfg) => dns(*cfg),
         Command::Wg(cfg) => standalone::run(cfg),
     };
     match result {
@@ -76,6 +79,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn dns(cfg: sdn_tunnel_agent::dns::DnsConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(sdn_tunnel_agent::dns::run(cfg))?)
 }
 
 fn run(cfg: AgentConfig) -> anyhow::Result<()> {
