@@ -351,6 +351,18 @@ fn wg_tools_configure_us_and_wireguard_go_interoperates() {
     let conf = a.exec(&["wg", "showconf", &ours]);
     assert!(conf.contains(&format!("PublicKey = {pub_b}")), "{conf}");
     assert!(conf.contains("ListenPort = 51820"), "{conf}");
+    // `wg setconf` of what `wg showconf` printed changes nothing: the
+    // session survives (no peer is recreated).
+    let conf_file = tmp.join(format!("sdnt-wg-{pid}-a.conf"));
+    let _conf_cleanup = Cleanup(vec![conf_file.clone()]);
+    std::fs::write(&conf_file, &conf).unwrap();
+    a.exec(&["wg", "setconf", &ours, conf_file.to_str().unwrap()]);
+    let hs_after = a.exec(&["wg", "show", &ours, "latest-handshakes"]);
+    assert_eq!(
+        hs_after, hs,
+        "setconf with the same configuration kept the session"
+    );
+    assert_eq!(a.exec(&["wg", "showconf", &ours]), conf);
 
     // /metrics counts the traffic.
     let m = http_get(&a, SocketAddr::from(([127, 0, 0, 1], 9586)), "/metrics");
