@@ -35,3 +35,9 @@ unit-and-e2e:
 	$(CARGO) test --workspace --no-fail-fast
 
 test: deps lint unit-and-e2e
+
+# The data-path benchmark (not part of `make test`): ARGS="--quick" for a
+# smoke run. See bench/run.sh.
+.PHONY: bench
+bench:
+	bash bench/run.sh $(ARGS)
