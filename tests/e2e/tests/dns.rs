@@ -1,0 +1,470 @@
+//! `tunnel-agent dns` on the lab: two clusters on real apiservers, agents
+//! as the DaemonSet runs them, the DNS server in a pod of `east` with the
+//! agents' identity, queried over UDP from another pod of `east`. Checks the
+//! cluster zones, the merged zone, NXDOMAIN, forwarding (to a fake upstream
+//! inside the lab) and garbage; then stops `west`'s agents and measures how
+//! long `west` takes to leave `cluster.all`, and to come back. Needs root,
+//! the apiserver build and `cargo build --workspace --bins`.
+
+// Test code: a panic with its message is how a check reports failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::Api;
+use sdn_tunnel_e2e::{
+    install, start_agents, wait_mesh_connected, workspace_binary, FIELD_MANAGER, NAMESPACE,
+};
+use sdn_tunnel_lab::sys::in_netns;
+use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod};
+
+const A: u16 = 1;
+const NXDOMAIN: u8 = 3;
+const NOERROR: u8 = 0;
+
+/// A DNS query for `name` (type A, recursion desired).
+fn encode_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(u8::try_from(label.len()).unwrap());
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&A.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    q
+}
+
+fn skip_name(b: &[u8], mut i: usize) -> Result<usize> {
+    loop {
+        let len = *b.get(i).context("name past the end")?;
+        if len & 0xc0 == 0xc0 {
+            return Ok(i + 2);
+        }
+        if len == 0 {
+            return Ok(i + 1);
+        }
+        i += 1 + usize::from(len);
+    }
+}
+
+fn u16_at(b: &[u8], i: usize) -> Result<u16> {
+    Ok(u16::from_be_bytes([
+        *b.get(i).context("short")?,
+        *b.get(i + 1).context("short")?,
+    ]))
+}
+
+/// The id, rcode and A records of a response.
+fn decode_answer(b: &[u8]) -> Result<(u16, u8, BTreeSet<Ipv4Addr>)> {
+    if b.len() < 12 {
+        bail!("{} bytes: not a DNS message", b.len());
+    }
+    let id = u16_at(b, 0)?;
+    let rcode = b[3] & 0x0f;
+    let (qd, an) = (u16_at(b, 4)?, u16_at(b, 6)?);
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(b, i)? + 4;
+    }
+    let mut ips = BTreeSet::new();
+    for _ in 0..an {
+        i = skip_name(b, i)?;
+        let rtype = u16_at(b, i)?;
+        let rdlen = usize::from(u16_at(b, i + 8)?);
+        let data = b
+            .get(i + 10..i + 10 + rdlen)
+            .context("rdata past the end")?;
+        if rtype == A && rdlen == 4 {
+            ips.insert(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        i += 10 + rdlen;
+    }
+    Ok((id, rcode, ips))
+}
+
+/// Sends `bytes` to `server` from inside `netns`; the answer, if any within 1 s.
+fn udp_exchange(netns: &str, server: SocketAddr, bytes: Vec<u8>) -> Result<Option<Vec<u8>>> {
+    in_netns(netns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        sock.send_to(&bytes, server)?;
+        let mut buf = [0u8; 4096];
+        match sock.recv(&mut buf) {
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+/// Resolves `name` (A) through `server` from `netns`: rcode and addresses.
+fn resolve(netns: &str, server: SocketAddr, name: &str) -> Result<(u8, BTreeSet<Ipv4Addr>)> {
+    let id = u16::try_from(Instant::now().elapsed().subsec_nanos() % 65_000).unwrap_or(7);
+    for _ in 0..3 {
+        if let Some(answer) = udp_exchange(netns, server, encode_query(id, name))? {
+            let (rid, rcode, ips) = decode_answer(&answer)?;
+            if rid != id {
+                bail!("answer id {rid}, query id {id}");
+            }
+            return Ok((rcode, ips));
+        }
+    }
+    bail!("no answer from {server} for {name}")
+}
+
+/// A fake upstream DNS server inside `netns` (port 53 of the pod): answers
+/// every A query with 192.0.2.53, until the returned flag is cleared.
+fn fake_upstream(netns: String) -> Arc<AtomicBool> {
+    let running = Arc::new(AtomicBool::new(true));
+    let flag = running.clone();
+    std::thread::spawn(move || {
+        let _ = in_netns(&netns, move || {
+            let sock = UdpSocket::bind("0.0.0.0:53")?;
+            sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let mut buf = [0u8; 1500];
+            while flag.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if n < 12 {
+                    continue;
+                }
+                // Echo the question (without any EDNS record), flip QR/RA,
+                // one answer pointing at the question's name.
+                let Ok(end) = skip_name(&buf[..n], 12) else {
+                    continue;
+                };
+                let Some(question) = buf.get(..end + 4) else {
+                    continue;
+                };
+                let mut r = question.to_vec();
+                r[2] |= 0x80;
+                r[3] = 0x80;
+                r[6..8].copy_from_slice(&1u16.to_be_bytes());
+                r[10..12].copy_from_slice(&0u16.to_be_bytes());
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 192, 0, 2, 53]);
+                let _ = sock.send_to(&r, from);
+            }
+            Ok(())
+        });
+    });
+    running
+}
+
+/// A headless Service `name` in `namespace` with a ready endpoint per pod
+/// (named port `sql`), its EndpointSlice written as the controller would.
+async fn add_headless(lab: &Lab, cluster: &str, namespace: &str, name: &str, pods: &[&Pod]) {
+    let client = lab.client(cluster, Identity::Admin).await.unwrap();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let svc = Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ports: Some(vec![ServicePort {
+                name: Some("sql".into()),
+                port: 5432,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(name, &pp, &Patch::Apply(&svc))
+        .await
+        .unwrap();
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-e2e")),
+            namespace: Some(namespace.into()),
+            labels: Some([("kubernetes.io/service-name".to_string(), name.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: pods
+            .iter()
+            .map(|p| Endpoint {
+                addresses: vec![p.ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("sql".into()),
+            port: Some(5432),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<EndpointSlice>::namespaced(client, namespace)
+        .patch(&format!("{name}-e2e"), &pp, &Patch::Apply(&slice))
+        .await
+        .unwrap();
+}
+
+fn cluster_ip(svc: &Service) -> IpAddr {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Polls `name` until `pred` holds on its addresses; how long it took.
+fn wait_for(
+    netns: &str,
+    server: SocketAddr,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(&BTreeSet<IpAddr>) -> bool,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < timeout {
+        match resolve(netns, server, name) {
+            Ok((_, ips)) => {
+                let ips: BTreeSet<IpAddr> = ips.into_iter().map(IpAddr::V4).collect();
+                if pred(&ips) {
+                    return Ok(started.elapsed());
+                }
+                last = Some(format!("{ips:?}"));
+            }
+            Err(e) => last = Some(format!("{e:#}")),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{name}: condition not met after {timeout:?}; last: {last:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
+    let mut cfg = LabConfig::new("e2edns");
+    cfg.underlay_octet = 94;
+    let mut lab = Lab::up(cfg).await.expect("lab up");
+    let installed = install(&lab).await.expect("install");
+    let agents = start_agents(&mut lab, &installed).expect("agents");
+    if let Err(e) = wait_mesh_connected(&lab, Duration::from_secs(90)).await {
+        for a in &agents {
+            eprintln!(
+                "--- {}/{}:\n{}",
+                a.cluster,
+                a.name,
+                std::fs::read_to_string(lab.pod_log(&a.cluster, &a.name)).unwrap_or_default()
+            );
+        }
+        panic!("{e:#}");
+    }
+
+    // Services: `web` in both clusters, `only-west` in west, headless `db` in west.
+    let east_web = lab.add_pod("east", 1, "web-1").unwrap();
+    let west_web = lab.add_pod("west", 1, "web-1").unwrap();
+    let west_db = lab.add_pod("west", 2, "db-0").unwrap();
+    let east_svc = lab
+        .add_service("east", "demo", "web", 80, &[&east_web])
+        .await
+        .unwrap();
+    let west_svc = lab
+        .add_service("west", "demo", "web", 80, &[&west_web])
+        .await
+        .unwrap();
+    let only_west = lab
+        .add_service("west", "demo", "only-west", 80, &[&west_web])
+        .await
+        .unwrap();
+    add_headless(&lab, "west", "demo", "db", &[&west_db]).await;
+    let (east_ip, west_ip) = (cluster_ip(&east_svc), cluster_ip(&west_svc));
+
+    // A fake upstream in an east pod, and the DNS server in another.
+    let upstream = lab.add_pod("east", 1, "upstream").unwrap();
+    let upstream_running = fake_upstream(upstream.netns.clone());
+    // A snapshot of the binary: other builds sharing the target directory
+    // may replace it while the lab runs.
+    let agent = lab.cluster_dir("east").join("tunnel-agent-dns");
+    std::fs::copy(workspace_binary("tunnel-agent").unwrap(), &agent).unwrap();
+    let help = std::process::Command::new(&agent)
+        .args(["dns", "--help"])
+        .output()
+        .unwrap();
+    assert!(
+        help.status.success(),
+        "{} has no `dns` subcommand: run `cargo build --workspace --bins`",
+        agent.display()
+    );
+    let args: Vec<String> = [
+        "dns",
+        "--listen",
+        "0.0.0.0:53",
+        "--status-max-age",
+        "3s",
+        "--upstream",
+        &format!("{}:53", upstream.ip),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let env = vec![
+        ("POD_NAMESPACE".to_string(), NAMESPACE.to_string()),
+        (
+            "KUBECONFIG".to_string(),
+            installed.agent_kubeconfig["east"].display().to_string(),
+        ),
+        (
+            "SDN_TUNNEL_METRICS_ADDR".to_string(),
+            "0.0.0.0:9587".to_string(),
+        ),
+        (
+            "RUST_LOG".to_string(),
+            "info,sdn_tunnel_agent=debug".to_string(),
+        ),
+    ];
+    let dns = lab
+        .add_pod_running("east", 2, "dns", &agent, &args, &env)
+        .unwrap();
+    let server = SocketAddr::from((dns.ip, 53));
+    let client = lab.add_pod("east", 1, "client").unwrap();
+    let ns = client.netns.clone();
+    let dns_log_path = lab.pod_log("east", "dns");
+    let dns_log = || std::fs::read_to_string(&dns_log_path).unwrap_or_default();
+
+    // The cluster zones, then the merged zone with both clusters.
+    let west_name = "web.demo.svc.cluster.west";
+    let ready = wait_for(&ns, server, west_name, Duration::from_secs(60), |ips| {
+        ips.contains(&west_ip)
+    });
+    if let Err(e) = ready {
+        panic!("{e:#}\n--- dns log:\n{}", dns_log());
+    }
+    let (rcode, ips) = resolve(&ns, server, west_name).unwrap();
+    assert_eq!((rcode, ips.len()), (NOERROR, 1));
+    let (_, ips) = resolve(&ns, server, "web.demo.svc.cluster.east").unwrap();
+    assert_eq!(
+        ips.into_iter().map(IpAddr::V4).collect::<Vec<_>>(),
+        [east_ip]
+    );
+    let all = "web.demo.svc.cluster.all";
+    let both = BTreeSet::from([east_ip, west_ip]);
+    let waited = wait_for(&ns, server, all, Duration::from_secs(30), |ips| {
+        *ips == both
+    });
+    if let Err(e) = waited {
+        panic!("{e:#}\n--- dns log:\n{}", dns_log());
+    }
+    let (_, ips) = resolve(&ns, server, "only-west.demo.svc.cluster.all").unwrap();
+    assert_eq!(
+        ips.into_iter().map(IpAddr::V4).collect::<Vec<_>>(),
+        [cluster_ip(&only_west)]
+    );
+    let (_, ips) = resolve(&ns, server, "db.demo.svc.cluster.west").unwrap();
+    assert_eq!(ips.into_iter().collect::<Vec<_>>(), [west_db.ip]);
+
+    // Unknown names in our zones: NXDOMAIN; other names: the upstream's answer.
+    for name in [
+        "nope.demo.svc.cluster.west",
+        "web.nowhere.svc.cluster.all",
+        "web.demo.svc.cluster.north",
+    ] {
+        let (rcode, ips) = resolve(&ns, server, name).unwrap();
+        if name.ends_with("north") {
+            // Not one of our zones: forwarded.
+            assert_eq!(rcode, NOERROR, "{name}");
+            assert_eq!(
+                ips,
+                BTreeSet::from([Ipv4Addr::new(192, 0, 2, 53)]),
+                "{name}"
+            );
+        } else {
+            assert_eq!(rcode, NXDOMAIN, "{name}");
+            assert!(ips.is_empty(), "{name}");
+        }
+    }
+    let (rcode, ips) = resolve(&ns, server, "example.org").unwrap();
+    assert_eq!(
+        (rcode, ips),
+        (NOERROR, BTreeSet::from([Ipv4Addr::new(192, 0, 2, 53)]))
+    );
+
+    // Garbage does not stop the server.
+    for junk in [vec![1u8, 2, 3], vec![0xff; 40], {
+        let mut v = encode_query(9, "web.demo.svc.cluster.west");
+        v.truncate(20);
+        v
+    }] {
+        let _ = udp_exchange(&ns, server, junk).unwrap();
+    }
+    let (rcode, ips) = resolve(&ns, server, west_name).unwrap();
+    assert_eq!((rcode, ips.len()), (NOERROR, 1));
+
+    // Stop west's agents: west leaves cluster.all (its own zone stays).
+    let west_agents: Vec<String> = agents
+        .iter()
+        .filter(|a| a.cluster == "west")
+        .map(|a| a.name.clone())
+        .collect();
+    let stopped = Instant::now();
+    for a in &west_agents {
+        lab.stop_pod("west", a).unwrap();
+    }
+    let stop_took = stopped.elapsed();
+    let left = wait_for(&ns, server, all, Duration::from_secs(60), |ips| {
+        *ips == BTreeSet::from([east_ip])
+    });
+    let left = match left {
+        Ok(_) => stopped.elapsed(),
+        Err(e) => panic!("{e:#}\n--- dns log:\n{}", dns_log()),
+    };
+    println!(
+        "FIGURE dns_down_cluster_leaves_cluster_all = {:.2} s (agents stopped in {:.2} s)",
+        left.as_secs_f64(),
+        stop_took.as_secs_f64()
+    );
+    let (_, ips) = resolve(&ns, server, west_name).unwrap();
+    assert_eq!(ips.len(), 1, "cluster.west keeps answering");
+    let (rcode, _) = resolve(&ns, server, "only-west.demo.svc.cluster.all").unwrap();
+    assert_eq!(rcode, NXDOMAIN);
+
+    // Bring them back: west returns.
+    let restarted = Instant::now();
+    for a in &west_agents {
+        lab.restart_pod("west", a).unwrap();
+    }
+    let back = wait_for(&ns, server, all, Duration::from_secs(90), |ips| {
+        *ips == both
+    });
+    if let Err(e) = back {
+        panic!("{e:#}\n--- dns log:\n{}", dns_log());
+    }
+    println!(
+        "FIGURE dns_cluster_returns_to_cluster_all = {:.2} s",
+        restarted.elapsed().as_secs_f64()
+    );
+    upstream_running.store(false, Ordering::Relaxed);
+    assert!(
+        left < Duration::from_secs(10),
+        "west took {left:?} to leave cluster.all (goal < 5 s)"
+    );
+}
