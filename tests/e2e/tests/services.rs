@@ -15,6 +15,7 @@ use anyhow::Result;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use sdn_tunnel_e2e::{install, start_agents, wait_mesh_connected, FIELD_MANAGER};
@@ -163,6 +164,38 @@ async fn put_service(client: &Client, name: &str, spec: ServiceSpec) -> Service 
         )
         .await
         .unwrap()
+}
+
+/// The lab Service's ports (`tcp`/`udp` on [`PORT`] → the pods' server).
+fn lab_ports_spec() -> ServiceSpec {
+    ServiceSpec {
+        ports: Some(
+            [("tcp", "TCP"), ("udp", "UDP")]
+                .iter()
+                .map(|(n, p)| ServicePort {
+                    name: Some((*n).into()),
+                    protocol: Some((*p).into()),
+                    port: i32::from(PORT),
+                    target_port: Some(IntOrString::Int(i32::from(POD_SERVER_PORT))),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// Median time of `n` TCP requests (connect, answer, close), in ms.
+fn median_tcp_ms(from: &Pod, addr: SocketAddr, n: usize) -> f64 {
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            ask(from, addr, Proto::Tcp).unwrap();
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[n / 2]
 }
 
 fn nft_table(agent: &Pod) -> String {
@@ -465,6 +498,95 @@ async fn remote_cluster_ips_reach_ready_endpoints_only() {
     assert!(!nft_table(&east_agents[0]).contains(&trap.ip.to_string()));
 
     println!("{}", nft_table(&east_agents[0]));
+
+    // ---- figures (printed, not asserted): BULK more Services x 2
+    // endpoints through the API, until both east agents program them all;
+    // connection latency before and after (the per-packet cost is one
+    // verdict-map lookup whatever the number of services).
+    const BULK: usize = 200;
+    let gotos = |a: &Pod| nft_table(a).matches(": goto svc_").count();
+    let before: Vec<usize> = east_agents.iter().map(gotos).collect();
+    let latency_before = median_tcp_ms(&c1, web_addr, 50);
+    let started = Instant::now();
+    let endpoints = [(IpAddr::from(w1.ip), true), (IpAddr::from(w2.ip), true)];
+    for chunk in (0..BULK).collect::<Vec<_>>().chunks(20) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let client = west.clone();
+            set.spawn(async move {
+                let name = format!("bulk-{i}");
+                put_service(&client, &name, lab_ports_spec()).await;
+                put_slice(&client, &format!("{name}-lab"), &name, &endpoints).await;
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+    let written = started.elapsed();
+    wait_for(
+        "every bulk Service programmed on both east agents",
+        Duration::from_secs(120),
+        || {
+            east_agents
+                .iter()
+                .zip(&before)
+                .all(|(a, b)| gotos(a) >= b + 2 * BULK)
+        },
+    );
+    let programmed = started.elapsed();
+    let bulk_7: Service = Api::<Service>::namespaced(west.clone(), NS)
+        .get("bulk-7")
+        .await
+        .unwrap();
+    let who = ask(&c2, SocketAddr::new(cluster_ip(&bulk_7), PORT), Proto::Tcp).unwrap();
+    assert!(who == "web-1" || who == "web-2", "{who}");
+    let latency_after = median_tcp_ms(&c1, web_addr, 50);
+    println!(
+        "FIGURE bulk_{BULK}_services_api_writes = {:.2} s",
+        written.as_secs_f64()
+    );
+    println!(
+        "FIGURE bulk_{BULK}_services_programmed_on_both_east_agents = {:.2} s after the first write",
+        programmed.as_secs_f64()
+    );
+    println!(
+        "FIGURE tcp_request_median_{}_services = {latency_before:.2} ms",
+        before[0] / 2
+    );
+    println!(
+        "FIGURE tcp_request_median_{}_services = {latency_after:.2} ms",
+        before[0] / 2 + BULK
+    );
+    let log = plain_log(&east_log);
+    let applies: Vec<(bool, u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("service proxy applied"))
+        .filter_map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .map(str::to_string)
+            };
+            Some((
+                field("full=")? == "true",
+                field("commands=")?.parse().ok()?,
+                field("took_ms=")?.parse().ok()?,
+            ))
+        })
+        .collect();
+    for full in [true, false] {
+        let of: Vec<&(bool, u64, u64)> = applies.iter().filter(|a| a.0 == full).collect();
+        if let Some(max) = of.iter().max_by_key(|a| a.2) {
+            println!(
+                "FIGURE agent_nft_{}_applies = {} (slowest {} ms, {} commands)",
+                if full { "full" } else { "incremental" },
+                of.len(),
+                max.2,
+                max.1
+            );
+        }
+    }
     let report = lab.down().unwrap();
     assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
 }
