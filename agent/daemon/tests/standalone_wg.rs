@@ -428,3 +428,118 @@ fn wg_tools_configure_us_and_wireguard_go_interoperates() {
     assert!(!sock_a.exists(), "our socket is removed at exit");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// boringtun stops initiating after 90 s of unanswered handshakes
+/// (REKEY_ATTEMPT_TIME) and, with only a persistent keepalive, never starts
+/// again: its timers return early once the handshake expired. Our timer
+/// thread re-arms it, so a peer that comes up late is still reached
+/// without any traffic. wireguard-go here has no endpoint for us and no
+/// keepalive: only our side can start the handshake.
+#[test]
+fn keepalive_peer_is_reached_after_boringtun_gave_up() {
+    let pid = std::process::id();
+    let ours = format!("sdnwgC{}", pid % 100_000);
+    let theirs = format!("sdnwgD{}", pid % 100_000);
+    let tmp = std::env::temp_dir();
+    let key_a = tmp.join(format!("sdnt-wg-{pid}-c.key"));
+    let key_b = tmp.join(format!("sdnt-wg-{pid}-d.key"));
+    let log_a = tmp.join(format!("sdnt-wg-{pid}-c.log"));
+    let log_b = tmp.join(format!("sdnt-wg-{pid}-d.log"));
+    let _files = Cleanup(vec![
+        key_a.clone(),
+        key_b.clone(),
+        log_a.clone(),
+        log_b.clone(),
+    ]);
+    let a = Netns::new("c");
+    let b = Netns::new("d");
+    let (va, vb) = (format!("sdnvc{pid}"), format!("sdnvd{pid}"));
+    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+    sh(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb]);
+    sh(&["ip", "link", "set", va, "netns", &a.name]);
+    sh(&["ip", "link", "set", vb, "netns", &b.name]);
+    a.ip(&["addr", "add", "192.168.232.1/24", "dev", va]);
+    b.ip(&["addr", "add", "192.168.232.2/24", "dev", vb]);
+    a.ip(&["link", "set", va, "up"]);
+    b.ip(&["link", "set", vb, "up"]);
+    let pub_a = genkey(&key_a);
+    let pub_b = genkey(&key_b);
+    let sock_a = Path::new(UAPI_DIR).join(format!("{ours}.sock"));
+    let sock_b = Path::new(UAPI_DIR).join(format!("{theirs}.sock"));
+    let ours_proc = a.spawn(
+        &[
+            "env",
+            "RUST_LOG=info,sdn_tunnel_agent::tunnel=debug",
+            env!("CARGO_BIN_EXE_tunnel-agent"),
+            "wg",
+            &ours,
+            "--listen-port",
+            "51820",
+        ],
+        &log_a,
+    );
+    let _theirs_proc = b.spawn(&["wireguard-go", "-f", &theirs], &log_b);
+    wait_for("our UAPI socket", Duration::from_secs(20), || {
+        sock_a.exists()
+    });
+    wait_for(
+        "wireguard-go's UAPI socket",
+        Duration::from_secs(20),
+        || sock_b.exists(),
+    );
+    // wireguard-go listens but does not know us yet: our initiations die.
+    b.exec(&[
+        "wg",
+        "set",
+        &theirs,
+        "listen-port",
+        "51821",
+        "private-key",
+        key_b.to_str().unwrap(),
+    ]);
+    b.ip(&["link", "set", &theirs, "up"]);
+    a.exec(&[
+        "wg",
+        "set",
+        &ours,
+        "private-key",
+        key_a.to_str().unwrap(),
+        "peer",
+        &pub_b,
+        "endpoint",
+        "192.168.232.2:51821",
+        "allowed-ips",
+        "10.232.0.2/32",
+        "persistent-keepalive",
+        "1",
+    ]);
+    // Past REKEY_ATTEMPT_TIME: boringtun has given up by now.
+    std::thread::sleep(Duration::from_secs(96));
+    let hs = a.exec(&["wg", "show", &ours, "latest-handshakes"]);
+    assert!(hs.trim_end().ends_with("\t0"), "no handshake yet: {hs:?}");
+
+    // Now wireguard-go accepts us, but cannot initiate itself.
+    b.exec(&[
+        "wg",
+        "set",
+        &theirs,
+        "peer",
+        &pub_a,
+        "allowed-ips",
+        "10.232.0.1/32",
+    ]);
+    wait_for(
+        "a handshake started by the re-arm",
+        Duration::from_secs(20),
+        || {
+            let hs = a.exec(&["wg", "show", &ours, "latest-handshakes"]);
+            !hs.trim_end().ends_with("\t0")
+        },
+    );
+    let log = ours_proc.log();
+    assert!(
+        log.contains("no live session: handshake re-armed"),
+        "the handshake came from the re-arm:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
