@@ -49,9 +49,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
+        .with_env_filter(sdn_tunnel_agent::dns::quiet_hickory(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        ))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
