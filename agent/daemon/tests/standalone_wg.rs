@@ -543,3 +543,81 @@ fn keepalive_peer_is_reached_after_boringtun_gave_up() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// `--config` applies a `wg setconf` file at start, before the socket
+/// answers; a file `wg setconf` would refuse stops the start, non-zero.
+#[test]
+fn config_file_is_applied_at_start() {
+    let pid = std::process::id();
+    let ours = format!("sdnwgE{}", pid % 100_000);
+    let tmp = std::env::temp_dir();
+    let key = tmp.join(format!("sdnt-wg-{pid}-e.key"));
+    let conf = tmp.join(format!("sdnt-wg-{pid}-e.conf"));
+    let bad = tmp.join(format!("sdnt-wg-{pid}-e-bad.conf"));
+    let log = tmp.join(format!("sdnt-wg-{pid}-e.log"));
+    let _files = Cleanup(vec![key.clone(), conf.clone(), bad.clone(), log.clone()]);
+    let ns = Netns::new("e");
+    let public = genkey(&key);
+    let private = std::fs::read_to_string(&key).unwrap();
+    let peer = sh(&["wg", "genkey"]);
+    let peer_pub = {
+        let p = tmp.join(format!("sdnt-wg-{pid}-e-peer.key"));
+        let _c = Cleanup(vec![p.clone()]);
+        std::fs::write(&p, &peer).unwrap();
+        genkey_pub(&p)
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51899\n\n[Peer]\nPublicKey = {peer_pub}\n\
+             AllowedIPs = 10.233.0.0/24, fd33::/64\nEndpoint = 192.0.2.33:51820\n",
+            private.trim()
+        ),
+    )
+    .unwrap();
+    let sock = Path::new(UAPI_DIR).join(format!("{ours}.sock"));
+    let proc_ = ns.spawn(
+        &[
+            env!("CARGO_BIN_EXE_tunnel-agent"),
+            "wg",
+            &ours,
+            "--config",
+            conf.to_str().unwrap(),
+        ],
+        &log,
+    );
+    wait_for("our UAPI socket", Duration::from_secs(20), || sock.exists());
+    let show = ns.exec(&["wg", "show", &ours]);
+    assert!(show.contains(&format!("public key: {public}")), "{show}");
+    assert!(show.contains("listening port: 51899"), "{show}");
+    assert!(show.contains(&format!("peer: {peer_pub}")), "{show}");
+    assert!(show.contains("endpoint: 192.0.2.33:51820"), "{show}");
+    assert!(
+        show.contains("allowed ips: 10.233.0.0/24, fd33::/64")
+            || show.contains("allowed ips: fd33::/64, 10.233.0.0/24"),
+        "{show}"
+    );
+    drop(proc_);
+
+    std::fs::write(&bad, "[Interface]\nAddress = 10.0.0.1/24\n").unwrap();
+    let out = ns.try_exec(&[
+        env!("CARGO_BIN_EXE_tunnel-agent"),
+        "wg",
+        &ours,
+        "--config",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("unknown key \"address\""), "{why}");
+    assert!(!sock.exists(), "no socket left behind");
+}
+
+fn genkey_pub(private: &Path) -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("wg pubkey < {}", private.display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
