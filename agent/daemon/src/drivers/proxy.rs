@@ -827,6 +827,30 @@ mod tests {
         assert!(all.contains("table ip foreign"), "{all}");
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn periodic_full_replacement_repairs_silent_drift() {
+        let Some(ns) = Netns::new("drift") else {
+            return;
+        };
+        let d = ProxyDriver::new(Some(&ns.path()), Duration::from_millis(300));
+        let s = many(3, 2);
+        assert!(d.apply(&s).await.unwrap().full);
+        // someone flushes our map: nothing changed in the desired state, so
+        // until the full replacement is due nothing is sent ...
+        ns.nft(&["flush", "map", "inet", PROXY_TABLE, "services_v4"]);
+        let r = d.apply(&s).await.unwrap();
+        assert_eq!((r.full, r.commands), (false, 0));
+        assert!(!ns
+            .nft(&["list", "map", "inet", PROXY_TABLE, "services_v4"])
+            .contains("goto"));
+        // ... and once it is due, the table is whole again.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(d.apply(&s).await.unwrap().full);
+        let map = ns.nft(&["list", "map", "inet", PROXY_TABLE, "services_v4"]);
+        assert_eq!(map.matches("goto").count(), 3, "{map}");
+        d.remove().await.unwrap();
+    }
+
     /// Not a timing assertion: prints how long `nft` takes with many
     /// services, and checks the kernel holds them all.
     #[tokio::test(flavor = "current_thread")]
