@@ -15,6 +15,7 @@
 //! `<dir>/state.json`, so `down` (or the next `up`) finds and removes
 //! everything even after a crash.
 
+pub mod ansible;
 pub mod config;
 pub mod controlplane;
 pub mod net;
@@ -36,6 +37,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 
+pub use ansible::InventoryOptions;
 pub use config::{ClusterPlan, LabConfig, Netem, NodePlan};
 pub use controlplane::Identity;
 use controlplane::FIELD_MANAGER;

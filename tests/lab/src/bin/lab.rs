@@ -65,6 +65,10 @@ enum Command {
         /// Packet loss on every node's underlay link, in percent.
         #[arg(long)]
         loss: Option<f32>,
+        /// Second octet of the underlay 10.U.0.0/16 (distinct per lab that
+        /// runs at the same time).
+        #[arg(long, default_value_t = 99)]
+        underlay_octet: u8,
     },
     /// Show the clusters, their processes and pods.
     Status {
@@ -101,6 +105,18 @@ enum Command {
         /// Pods (of the same cluster) backing the Service.
         #[arg(required = true)]
         pods: Vec<String>,
+    },
+    /// Write an Ansible inventory of the lab's clusters for ansible/site.yml
+    /// (default <lab dir>/inventory.yml) and print its path.
+    Inventory {
+        #[command(flatten)]
+        lab: LabRef,
+        /// Where to write it.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// The tunctl the playbook runs at the end.
+        #[arg(long)]
+        tunctl: Option<PathBuf>,
     },
     /// Add the demo's pods and services, and show what reaches what.
     Demo {
@@ -157,12 +173,14 @@ async fn run(command: Command) -> Result<()> {
             mtu,
             delay_ms,
             loss,
+            underlay_octet,
         } => {
             let mut cfg = LabConfig::new(&lab.name);
             cfg.dir = lab.dir();
             cfg.clusters = clusters;
             cfg.nodes_per_cluster = nodes;
             cfg.underlay_mtu = mtu;
+            cfg.underlay_octet = underlay_octet;
             if delay_ms.is_some() || loss.is_some() {
                 cfg.netem = Some(Netem {
                     delay_ms: delay_ms.unwrap_or(0),
@@ -221,6 +239,20 @@ async fn run(command: Command) -> Result<()> {
                 .await?;
             let ip = svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
             println!("service {namespace}/{name} in {cluster}: {ip}:{port} -> {pods:?}");
+            Ok(())
+        }
+        Command::Inventory {
+            lab,
+            output,
+            tunctl,
+        } => {
+            let lab = lab.attach()?;
+            let path = output.unwrap_or_else(|| lab.ansible_inventory_path());
+            let opts = sdn_tunnel_lab::InventoryOptions {
+                tunctl,
+                ..Default::default()
+            };
+            println!("{}", lab.write_ansible_inventory(&path, &opts)?.display());
             Ok(())
         }
         Command::Demo { lab } => demo(&mut lab.attach()?).await,
