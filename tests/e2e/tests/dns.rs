@@ -463,6 +463,16 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
         restarted.elapsed().as_secs_f64()
     );
     upstream_running.store(false, Ordering::Relaxed);
+    // Hundreds of queries, and no per-query log line at the default level.
+    let log = dns_log();
+    assert!(
+        !log.contains("lookup_options") && !log.contains("request:"),
+        "per-query lines in the DNS log:\n{log}"
+    );
+    println!("DNS log: {} lines", log.lines().count());
+    for line in log.lines().take(30) {
+        println!("  {line}");
+    }
     assert!(
         left < Duration::from_secs(10),
         "west took {left:?} to leave cluster.all (goal < 5 s)"
