@@ -29,6 +29,8 @@ down:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck tests/e2e/kind/*.sh scripts/*.sh
+	cd ansible && ansible-playbook --syntax-check -i inventory.example.yml site.yml uninstall.yml >/dev/null
 
 unit-and-e2e:
 	$(CARGO) build --workspace --bins

@@ -17,4 +17,12 @@ if ! command -v wg >/dev/null 2>&1 || ! command -v wireguard-go >/dev/null 2>&1;
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wireguard-tools wireguard-go >/dev/null
 fi
+# The installer and its checks: Debian's ansible (ships the kubernetes.core
+# collection) with python3-kubernetes for ansible/site.yml and its e2e
+# (tests/e2e/tests/ansible.rs); shellcheck for `make lint`.
+if ! command -v ansible-playbook >/dev/null 2>&1 || ! command -v shellcheck >/dev/null 2>&1 \
+    || ! dpkg -s python3-kubernetes >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ansible python3-kubernetes shellcheck >/dev/null
+fi
 echo "install-deps: lab prerequisites and kube-apiserver ready" >&2

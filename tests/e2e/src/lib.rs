@@ -5,6 +5,10 @@
 //! TunnelClusters and kubeconfig Secrets, start one agent per node in its
 //! own pod namespace, and observe the result.
 
+pub mod ansible;
+pub mod checks;
+pub mod daemonset;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

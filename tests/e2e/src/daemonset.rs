@@ -1,0 +1,234 @@
+//! The lab's stand-in for a kubelet running the `tunnel-agent` DaemonSet:
+//! it reads the DaemonSet *as installed in the cluster* and starts one agent
+//! per lab node with exactly what a kubelet would give that pod — the
+//! container's args, its env (plain values and the downward API), a token
+//! of its ServiceAccount from the TokenRequest API, and its hostPath
+//! volumes mapped onto per-node directories of the lab. Anything in the
+//! pod spec the lab cannot reproduce is an error, so the DaemonSet cannot
+//! drift away from what the e2e proves.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use kube::Api;
+use sdn_tunnel_lab::{Identity, Lab, NodePlan, Pod};
+
+use crate::{service_account_kubeconfig, workspace_binary, AGENT_POD, NAMESPACE};
+
+/// Name of the agent DaemonSet (deploy/daemonset.yaml).
+pub const DAEMONSET: &str = "tunnel-agent";
+
+/// What one lab node's agent pod gets, derived from the DaemonSet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLaunch {
+    pub cluster: String,
+    pub node: String,
+    pub args: Vec<String>,
+    /// Environment besides `POD_IP`/`NODE_NAME`, which the lab sets for
+    /// every pod as the downward API does.
+    pub env: Vec<(String, String)>,
+    pub service_account: String,
+}
+
+/// A hostPath volume mounted into the container.
+#[derive(Debug, Clone)]
+struct HostMount {
+    mount_path: PathBuf,
+    host_path: PathBuf,
+    host_type: String,
+}
+
+/// Where a node's "host filesystem" lives in the lab (hostPath volumes).
+pub fn node_root(lab: &Lab, cluster: &str, node: &str) -> PathBuf {
+    lab.cluster_dir(cluster).join("node-fs").join(node)
+}
+
+fn host_mounts(spec: &PodSpec, c: &Container) -> Result<Vec<HostMount>> {
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let vol = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name)
+            .with_context(|| format!("volumeMount {} has no volume", m.name))?;
+        let Some(hp) = &vol.host_path else {
+            bail!(
+                "volume {} is not a hostPath: the lab cannot provide it",
+                vol.name
+            );
+        };
+        out.push(HostMount {
+            mount_path: PathBuf::from(&m.mount_path),
+            host_path: PathBuf::from(&hp.path),
+            host_type: hp.type_.clone().unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// Maps a path inside the container onto the lab: a path under a hostPath
+/// mount lands in the node's lab directory, except the host's procfs, where
+/// the only thing the lab has is PID 1's network namespace (the node's
+/// netns). Paths outside every mount are returned unchanged.
+fn map_path(
+    lab: &Lab,
+    cluster: &str,
+    node: &NodePlan,
+    mounts: &[HostMount],
+    p: &str,
+) -> Result<String> {
+    let path = Path::new(p);
+    for m in mounts {
+        if let Ok(rest) = path.strip_prefix(&m.mount_path) {
+            if m.host_path == Path::new("/proc") {
+                if rest == Path::new("1/ns/net") {
+                    return Ok(format!("/run/netns/{}", node.netns));
+                }
+                bail!("{p}: the lab's host procfs only has 1/ns/net");
+            }
+            let host = m.host_path.strip_prefix("/").unwrap_or(&m.host_path);
+            return Ok(node_root(lab, cluster, &node.name)
+                .join(host)
+                .join(rest)
+                .display()
+                .to_string());
+        }
+    }
+    Ok(p.to_string())
+}
+
+/// Reads the installed DaemonSet and derives every node's agent launch.
+pub async fn agent_launches(lab: &Lab, cluster: &str) -> Result<Vec<AgentLaunch>> {
+    let client = lab.client(cluster, Identity::Admin).await?;
+    let ds = Api::<DaemonSet>::namespaced(client, NAMESPACE)
+        .get(DAEMONSET)
+        .await
+        .with_context(|| format!("DaemonSet {NAMESPACE}/{DAEMONSET} in {cluster}"))?;
+    let spec = ds
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("DaemonSet without a pod spec")?;
+    if spec.host_network == Some(true) {
+        bail!("the DaemonSet asks for hostNetwork: the agent design (and the lab) needs its own pod netns");
+    }
+    let [c] = spec.containers.as_slice() else {
+        bail!(
+            "the lab runs one container per agent pod, the DaemonSet has {}",
+            spec.containers.len()
+        );
+    };
+    match c.command.as_deref() {
+        None => {}
+        Some([one]) if one == "tunnel-agent" || one == "/usr/local/bin/tunnel-agent" => {}
+        Some(other) => bail!("container command {other:?}: the lab runs tunnel-agent"),
+    }
+    let sa = spec
+        .service_account_name
+        .clone()
+        .context("the DaemonSet names no serviceAccountName")?;
+    let mounts = host_mounts(&spec, c)?;
+    let plan = lab.cluster(cluster)?;
+    let mut out = Vec::new();
+    for node in &plan.nodes {
+        let mut env = Vec::new();
+        for e in c.env.iter().flatten() {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), None) => map_path(lab, cluster, node, &mounts, v)?,
+                (None, Some(from)) => {
+                    let field = from
+                        .field_ref
+                        .as_ref()
+                        .map(|f| f.field_path.as_str())
+                        .with_context(|| format!("env {}: only fieldRef is emulated", e.name))?;
+                    match field {
+                        // The lab sets these for every pod (Lab::add_pod_running).
+                        "spec.nodeName" | "status.podIP" => continue,
+                        "metadata.namespace" => NAMESPACE.to_string(),
+                        other => bail!("env {}: fieldRef {other} is not emulated", e.name),
+                    }
+                }
+                (None, None) => String::new(),
+                (Some(_), Some(_)) => bail!("env {} has both value and valueFrom", e.name),
+            };
+            env.push((e.name.clone(), value));
+        }
+        out.push(AgentLaunch {
+            cluster: cluster.to_string(),
+            node: node.name.clone(),
+            args: c.args.clone().unwrap_or_default(),
+            env,
+            service_account: sa.clone(),
+        });
+    }
+    // hostPath types, checked or created as the kubelet does.
+    for node in &plan.nodes {
+        for m in &mounts {
+            if m.host_path == Path::new("/proc") {
+                continue;
+            }
+            let lab_path = if m.host_type == "CharDevice" {
+                m.host_path.clone()
+            } else {
+                node_root(lab, cluster, &node.name)
+                    .join(m.host_path.strip_prefix("/").unwrap_or(&m.host_path))
+            };
+            match m.host_type.as_str() {
+                "DirectoryOrCreate" => std::fs::create_dir_all(&lab_path)?,
+                "CharDevice" => {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !std::fs::metadata(&lab_path)?.file_type().is_char_device() {
+                        bail!("{} is not a character device", lab_path.display());
+                    }
+                }
+                t => bail!(
+                    "hostPath {} of type {t:?} is not emulated",
+                    m.host_path.display()
+                ),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Starts an agent in a pod namespace on every node of every lab cluster,
+/// as the installed DaemonSet describes it, authenticated with a token of
+/// the DaemonSet's ServiceAccount (the lab's stand-in for the in-cluster
+/// config: a kubeconfig with that token and the apiserver's URL).
+pub async fn start_agents_from_daemonset(lab: &mut Lab) -> Result<Vec<(AgentLaunch, Pod)>> {
+    let agent = workspace_binary("tunnel-agent")?;
+    let mut launches = Vec::new();
+    let mut tokens = BTreeMap::new();
+    for cluster in lab.config().clusters.clone() {
+        for l in agent_launches(lab, &cluster).await? {
+            let key = (cluster.clone(), l.service_account.clone());
+            if let std::collections::btree_map::Entry::Vacant(slot) = tokens.entry(key) {
+                let path = lab
+                    .cluster_dir(&cluster)
+                    .join(format!("{}.sa.kubeconfig", l.service_account));
+                service_account_kubeconfig(lab, &cluster, &l.service_account, &path).await?;
+                slot.insert(path);
+            }
+            launches.push(l);
+        }
+    }
+    let mut pods = Vec::new();
+    for l in launches {
+        let plan = lab.cluster(&l.cluster)?;
+        let node = plan
+            .nodes
+            .iter()
+            .find(|n| n.name == l.node)
+            .context("node vanished from the plan")?;
+        let mut env = l.env.clone();
+        let kubeconfig = &tokens[&(l.cluster.clone(), l.service_account.clone())];
+        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        let name = format!("{AGENT_POD}-{}", node.index);
+        let pod = lab.add_pod_running(&l.cluster, node.index, &name, &agent, &l.args, &env)?;
+        pods.push((l, pod));
+    }
+    Ok(pods)
+}
