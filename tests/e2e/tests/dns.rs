@@ -1,8 +1,9 @@
 //! `tunnel-agent dns` on the lab: two clusters on real apiservers, agents
 //! as the DaemonSet runs them, the DNS server in a pod of `east` with the
 //! agents' identity, queried over UDP from another pod of `east`. Checks the
-//! cluster zones, the merged zone, NXDOMAIN, forwarding (to a fake upstream
-//! inside the lab) and garbage; then stops `west`'s agents and measures how
+//! cluster zones (and that the resolved west ClusterIP leads, through the
+//! agents' proxy, to west's pod), the merged zone, NXDOMAIN, forwarding (to
+//! a fake upstream inside the lab) and garbage; then stops `west`'s agents and measures how
 //! long `west` takes to leave `cluster.all`, and to come back. Needs root,
 //! the apiserver build and `cargo build --workspace --bins`.
 
@@ -23,6 +24,7 @@ use kube::Api;
 use sdn_tunnel_e2e::{
     install, start_agents, wait_mesh_connected, workspace_binary, FIELD_MANAGER, NAMESPACE,
 };
+use sdn_tunnel_lab::server::tcp_request;
 use sdn_tunnel_lab::sys::in_netns;
 use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod};
 
@@ -281,8 +283,8 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     }
 
     // Services: `web` in both clusters, `only-west` in west, headless `db` in west.
-    let east_web = lab.add_pod("east", 1, "web-1").unwrap();
-    let west_web = lab.add_pod("west", 1, "web-1").unwrap();
+    let east_web = lab.add_pod("east", 1, "east-web").unwrap();
+    let west_web = lab.add_pod("west", 1, "west-web").unwrap();
     let west_db = lab.add_pod("west", 2, "db-0").unwrap();
     let east_svc = lab
         .add_service("east", "demo", "web", 80, &[&east_web])
@@ -361,6 +363,18 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     }
     let (rcode, ips) = resolve(&ns, server, west_name).unwrap();
     assert_eq!((rcode, ips.len()), (NOERROR, 1));
+    // The name leads somewhere: through the agents' proxy to west's pod.
+    let resolved = SocketAddr::from((ips.into_iter().next().unwrap(), 80));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tcp_request(&ns, resolved, Duration::from_secs(2)) {
+            Ok(who) if who == "west-web" => break,
+            other if Instant::now() > deadline => {
+                panic!("{west_name} ({resolved}) answered {other:?}, not west-web")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
     let (_, ips) = resolve(&ns, server, "web.demo.svc.cluster.east").unwrap();
     assert_eq!(
         ips.into_iter().map(IpAddr::V4).collect::<Vec<_>>(),
