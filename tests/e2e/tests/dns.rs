@@ -1,11 +1,12 @@
 //! `tunnel-agent dns` on the lab: two clusters on real apiservers, agents
-//! as the DaemonSet runs them, the DNS server in a pod of `east` with the
-//! agents' identity, queried over UDP from another pod of `east`. Checks the
-//! cluster zones (and that the resolved west ClusterIP leads, through the
-//! agents' proxy, to west's pod), the merged zone, NXDOMAIN, forwarding (to
-//! a fake upstream inside the lab) and garbage; then stops `west`'s agents and measures how
-//! long `west` takes to leave `cluster.all`, and to come back. Needs root,
-//! the apiserver build and `cargo build --workspace --bins`.
+//! as the DaemonSet runs them, the DNS server in a pod of `east` with its
+//! own read-only identity (`tunnel-dns`), queried over UDP from another
+//! pod of `east`. Checks the cluster zones (and that the resolved west
+//! ClusterIP leads, through the agents' proxy, to west's pod), the merged
+//! zone, NXDOMAIN, forwarding (to a fake upstream inside the lab) and
+//! garbage; then stops `west`'s agents and measures how long `west` takes
+//! to leave `cluster.all`, and to come back. Needs root, the apiserver
+//! build and `cargo build --workspace --bins`.
 
 // Test code: a panic with its message is how a check reports failure.
 #![allow(clippy::unwrap_used)]
@@ -22,7 +23,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::Api;
 use sdn_tunnel_e2e::{
-    install, start_agents, wait_mesh_connected, workspace_binary, FIELD_MANAGER, NAMESPACE,
+    install, service_account_kubeconfig, start_agents, wait_mesh_connected, workspace_binary,
+    FIELD_MANAGER, NAMESPACE,
 };
 use sdn_tunnel_lab::server::tcp_request;
 use sdn_tunnel_lab::sys::in_netns;
@@ -329,11 +331,16 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The DNS server's own read-only identity (deploy/rbac.yaml: tunnel-dns).
+    let dns_kubeconfig = lab.cluster_dir("east").join("tunnel-dns.kubeconfig");
+    service_account_kubeconfig(&lab, "east", "tunnel-dns", &dns_kubeconfig)
+        .await
+        .unwrap();
     let env = vec![
         ("POD_NAMESPACE".to_string(), NAMESPACE.to_string()),
         (
             "KUBECONFIG".to_string(),
-            installed.agent_kubeconfig["east"].display().to_string(),
+            dns_kubeconfig.display().to_string(),
         ),
         (
             "SDN_TUNNEL_METRICS_ADDR".to_string(),
