@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use kube::Api;
 use sdn_tunnel_lab::{Identity, Lab, NodePlan, Pod};
@@ -20,6 +20,8 @@ use crate::{service_account_kubeconfig, workspace_binary, AGENT_POD, NAMESPACE};
 
 /// Name of the agent DaemonSet (deploy/daemonset.yaml).
 pub const DAEMONSET: &str = "tunnel-agent";
+/// Name of the DNS Deployment (deploy/dns.yaml).
+pub const DNS_DEPLOYMENT: &str = "tunnel-dns";
 
 /// What one lab node's agent pod gets, derived from the DaemonSet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,12 +114,43 @@ pub async fn agent_launches(lab: &Lab, cluster: &str) -> Result<Vec<AgentLaunch>
         .spec
         .and_then(|s| s.template.spec)
         .context("DaemonSet without a pod spec")?;
+    let plan = lab.cluster(cluster)?;
+    template_launches(lab, cluster, &spec, &plan.nodes)
+}
+
+/// Reads the installed DNS Deployment and derives one replica's launch on
+/// the cluster's first node (the lab has no scheduler; one replica is
+/// enough to prove the pod template and its identity).
+pub async fn dns_launch(lab: &Lab, cluster: &str) -> Result<AgentLaunch> {
+    let client = lab.client(cluster, Identity::Admin).await?;
+    let d = Api::<Deployment>::namespaced(client, NAMESPACE)
+        .get(DNS_DEPLOYMENT)
+        .await
+        .with_context(|| format!("Deployment {NAMESPACE}/{DNS_DEPLOYMENT} in {cluster}"))?;
+    let spec = d
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("Deployment without a pod spec")?;
+    let plan = lab.cluster(cluster)?;
+    let first = plan.nodes.first().context("a cluster without nodes")?;
+    template_launches(lab, cluster, &spec, std::slice::from_ref(first))?
+        .pop()
+        .context("no launch")
+}
+
+/// What a kubelet on each of `nodes` would run for pod template `spec`.
+fn template_launches(
+    lab: &Lab,
+    cluster: &str,
+    spec: &PodSpec,
+    nodes: &[NodePlan],
+) -> Result<Vec<AgentLaunch>> {
     if spec.host_network == Some(true) {
-        bail!("the DaemonSet asks for hostNetwork: the agent design (and the lab) needs its own pod netns");
+        bail!("the pod template asks for hostNetwork: sdn-tunnel's pods (and the lab) need their own pod netns");
     }
     let [c] = spec.containers.as_slice() else {
         bail!(
-            "the lab runs one container per agent pod, the DaemonSet has {}",
+            "the lab runs one container per pod, the template has {}",
             spec.containers.len()
         );
     };
@@ -129,11 +162,10 @@ pub async fn agent_launches(lab: &Lab, cluster: &str) -> Result<Vec<AgentLaunch>
     let sa = spec
         .service_account_name
         .clone()
-        .context("the DaemonSet names no serviceAccountName")?;
-    let mounts = host_mounts(&spec, c)?;
-    let plan = lab.cluster(cluster)?;
+        .context("the pod template names no serviceAccountName")?;
+    let mounts = host_mounts(spec, c)?;
     let mut out = Vec::new();
-    for node in &plan.nodes {
+    for node in nodes {
         let mut env = Vec::new();
         for e in c.env.iter().flatten() {
             let value = match (&e.value, &e.value_from) {
@@ -165,7 +197,7 @@ pub async fn agent_launches(lab: &Lab, cluster: &str) -> Result<Vec<AgentLaunch>
         });
     }
     // hostPath types, checked or created as the kubelet does.
-    for node in &plan.nodes {
+    for node in nodes {
         for m in &mounts {
             if m.host_path == Path::new("/proc") {
                 continue;
@@ -199,24 +231,41 @@ pub async fn agent_launches(lab: &Lab, cluster: &str) -> Result<Vec<AgentLaunch>
 /// the DaemonSet's ServiceAccount (the lab's stand-in for the in-cluster
 /// config: a kubeconfig with that token and the apiserver's URL).
 pub async fn start_agents_from_daemonset(lab: &mut Lab) -> Result<Vec<(AgentLaunch, Pod)>> {
-    let agent = workspace_binary("tunnel-agent")?;
     let mut launches = Vec::new();
-    let mut tokens = BTreeMap::new();
     for cluster in lab.config().clusters.clone() {
-        for l in agent_launches(lab, &cluster).await? {
-            let key = (cluster.clone(), l.service_account.clone());
-            if let std::collections::btree_map::Entry::Vacant(slot) = tokens.entry(key) {
-                let path = lab
-                    .cluster_dir(&cluster)
-                    .join(format!("{}.sa.kubeconfig", l.service_account));
-                service_account_kubeconfig(lab, &cluster, &l.service_account, &path).await?;
-                slot.insert(path);
-            }
-            launches.push(l);
-        }
+        launches.extend(agent_launches(lab, &cluster).await?);
     }
+    start_launches(lab, launches, |node| format!("{AGENT_POD}-{node}")).await
+}
+
+/// Starts one replica of the installed DNS Deployment (`tunnel-agent dns`)
+/// in every lab cluster, in pod `tunnel-dns` on the first node, with a token
+/// of the Deployment's ServiceAccount.
+pub async fn start_dns_from_deployment(lab: &mut Lab) -> Result<Vec<(AgentLaunch, Pod)>> {
+    let mut launches = Vec::new();
+    for cluster in lab.config().clusters.clone() {
+        launches.push(dns_launch(lab, &cluster).await?);
+    }
+    start_launches(lab, launches, |_| DNS_DEPLOYMENT.to_string()).await
+}
+
+async fn start_launches(
+    lab: &mut Lab,
+    launches: Vec<AgentLaunch>,
+    pod_name: impl Fn(u8) -> String,
+) -> Result<Vec<(AgentLaunch, Pod)>> {
+    let agent = workspace_binary("tunnel-agent")?;
+    let mut tokens = BTreeMap::new();
     let mut pods = Vec::new();
     for l in launches {
+        let key = (l.cluster.clone(), l.service_account.clone());
+        if let std::collections::btree_map::Entry::Vacant(slot) = tokens.entry(key.clone()) {
+            let path = lab
+                .cluster_dir(&l.cluster)
+                .join(format!("{}.sa.kubeconfig", l.service_account));
+            service_account_kubeconfig(lab, &l.cluster, &l.service_account, &path).await?;
+            slot.insert(path);
+        }
         let plan = lab.cluster(&l.cluster)?;
         let node = plan
             .nodes
@@ -224,11 +273,105 @@ pub async fn start_agents_from_daemonset(lab: &mut Lab) -> Result<Vec<(AgentLaun
             .find(|n| n.name == l.node)
             .context("node vanished from the plan")?;
         let mut env = l.env.clone();
-        let kubeconfig = &tokens[&(l.cluster.clone(), l.service_account.clone())];
-        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
-        let name = format!("{AGENT_POD}-{}", node.index);
-        let pod = lab.add_pod_running(&l.cluster, node.index, &name, &agent, &l.args, &env)?;
+        env.push(("KUBECONFIG".into(), tokens[&key].display().to_string()));
+        let pod = lab.add_pod_running(
+            &l.cluster,
+            node.index,
+            &pod_name(node.index),
+            &agent,
+            &l.args,
+            &env,
+        )?;
         pods.push((l, pod));
     }
     Ok(pods)
+}
+
+/// The HTTP status of `GET <path>` on `addr`, from inside `netns` (for the
+/// pods' `/healthz` and `/readyz`, as the kubelet probes them).
+pub fn http_status(netns: &str, addr: std::net::SocketAddr, path: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let answer = sdn_tunnel_lab::sys::in_netns(netns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        s.write_all(request.as_bytes())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })?;
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP answer from {addr}{path}: {answer:?}"))
+}
+
+/// Resolves `name` (type A) through the DNS server at `server`, from inside
+/// `netns`: the response code and the addresses answered.
+pub fn resolve_a(
+    netns: &str,
+    server: std::net::SocketAddr,
+    name: &str,
+) -> Result<(u8, Vec<std::net::Ipv4Addr>)> {
+    let id: u16 = 0x5d7e;
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
+    for label in name.trim_end_matches('.').split('.') {
+        let len = u8::try_from(label.len()).context("label too long")?;
+        q.push(len);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    let answer = sdn_tunnel_lab::sys::in_netns(netns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        sock.send_to(&q, server)?;
+        let mut buf = [0u8; 1500];
+        let n = sock.recv(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    })?;
+    let b = answer.as_slice();
+    let at = |i: usize| -> Result<u16> {
+        Ok(u16::from_be_bytes([
+            *b.get(i).context("short answer")?,
+            *b.get(i + 1).context("short answer")?,
+        ]))
+    };
+    if at(0)? != id {
+        bail!("answer for another query");
+    }
+    let rcode = b.get(3).context("short answer")? & 0x0f;
+    let (qd, an) = (at(4)?, at(6)?);
+    let skip_name = |mut i: usize| -> Result<usize> {
+        loop {
+            let len = *b.get(i).context("name past the end")?;
+            if len & 0xc0 == 0xc0 {
+                return Ok(i + 2);
+            }
+            if len == 0 {
+                return Ok(i + 1);
+            }
+            i += 1 + usize::from(len);
+        }
+    };
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(i)? + 4;
+    }
+    let mut ips = Vec::new();
+    for _ in 0..an {
+        i = skip_name(i)?;
+        let (rtype, rdlen) = (at(i)?, usize::from(at(i + 8)?));
+        let data = b
+            .get(i + 10..i + 10 + rdlen)
+            .context("rdata past the end")?;
+        if rtype == 1 && rdlen == 4 {
+            ips.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        i += 10 + rdlen;
+    }
+    ips.sort();
+    Ok((rcode, ips))
 }

@@ -22,7 +22,9 @@ use sdn_tunnel_e2e::ansible::{run_playbook, PlaybookRun};
 use sdn_tunnel_e2e::checks::{
     check_inventory_installed, check_inventory_rbac, leftovers, read_inventory,
 };
-use sdn_tunnel_e2e::daemonset::start_agents_from_daemonset;
+use sdn_tunnel_e2e::daemonset::{
+    http_status, resolve_a, start_agents_from_daemonset, start_dns_from_deployment,
+};
 use sdn_tunnel_e2e::{wait_mesh_connected, workspace_binary, NAMESPACE};
 use sdn_tunnel_lab::server::tcp_request;
 use sdn_tunnel_lab::{Identity, InventoryOptions, Lab, LabConfig, POD_SERVER_PORT};
@@ -225,6 +227,69 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
     assert_eq!(
         tcp_request(&b.netns, SocketAddr::from((a.ip, POD_SERVER_PORT)), t).unwrap(),
         "web-1"
+    );
+
+    // The DNS Deployment, as installed, with its own read-only identity:
+    // ready, never refused, and answering the other cluster's zone and the
+    // merged one (the installed tunnel-dns Services are the names asked).
+    let mut svc_ip = BTreeMap::new();
+    for c in &lab.config().clusters {
+        let admin = lab.client(c, Identity::Admin).await.unwrap();
+        let svc = Api::<k8s_openapi::api::core::v1::Service>::namespaced(admin, NAMESPACE)
+            .get("tunnel-dns")
+            .await
+            .unwrap();
+        let ip: std::net::Ipv4Addr = svc.spec.unwrap().cluster_ip.unwrap().parse().unwrap();
+        svc_ip.insert(c.clone(), ip);
+    }
+    let dns = start_dns_from_deployment(&mut lab).await.unwrap();
+    assert_eq!(dns.len(), 2);
+    for (l, p) in &dns {
+        assert_eq!(l.args, ["dns"]);
+        assert_eq!(l.service_account, "tunnel-dns");
+        let metrics = SocketAddr::from((p.ip, 9586));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_status(&p.netns, metrics, "/readyz").ok() != Some(200) {
+            assert!(
+                Instant::now() < deadline,
+                "{}/{} not ready:\n{}",
+                p.cluster,
+                p.name,
+                std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let other = if p.cluster == "east" { "west" } else { "east" };
+        let server = SocketAddr::from((p.ip, 53));
+        let name = format!("tunnel-dns.{NAMESPACE}.svc.cluster.{other}");
+        let merged = format!("tunnel-dns.{NAMESPACE}.svc.cluster.all");
+        let mut both: Vec<_> = svc_ip.values().copied().collect();
+        both.sort();
+        for (q, want) in [(&name, vec![svc_ip[other]]), (&merged, both)] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = resolve_a(&p.netns, server, q).unwrap();
+                if got == (0, want.clone()) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: {q} -> {got:?}, expected {want:?}\n{}",
+                    p.cluster,
+                    std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        let log = std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap();
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "{}: {log}",
+            p.cluster
+        );
+    }
+    println!(
+        "tunnel-dns (from the Deployment, as tunnel-dns) answers cluster.<name> and cluster.all"
     );
 
     // 5. A second run changes nothing, and its `tunctl peers` shows the mesh.
