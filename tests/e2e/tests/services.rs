@@ -308,7 +308,17 @@ async fn remote_cluster_ips_reach_ready_endpoints_only() {
         table.contains(&format!("{} . tcp . {PORT} : goto", web_addr.ip())),
         "{table}"
     );
-    assert!(table.contains("numgen random mod 2"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "{} . tcp . {PORT} : goto pick_random_2_v4",
+            web_addr.ip()
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains("meta mark set numgen random mod 2"),
+        "{table}"
+    );
 
     // ---- scale up: a third endpoint answers soon after the slice update
     let updated = Instant::now();
@@ -376,8 +386,10 @@ async fn remote_cluster_ips_reach_ready_endpoints_only() {
         || {
             east_agents.iter().all(|a| {
                 let t = nft_table(a);
-                t.contains("jhash ip saddr mod 2")
-                    && t.contains(&format!("{} . udp . {PORT} : goto", sticky_addr.ip()))
+                let ip = sticky_addr.ip();
+                t.contains("meta mark set jhash ip saddr mod 2")
+                    && t.contains(&format!("{ip} . tcp . {PORT} : goto pick_hash_2_v4"))
+                    && t.contains(&format!("{ip} . udp . {PORT} : goto pick_hash_2_v4"))
             })
         },
     );
@@ -504,7 +516,7 @@ async fn remote_cluster_ips_reach_ready_endpoints_only() {
     // connection latency before and after (the per-packet cost is one
     // verdict-map lookup whatever the number of services).
     const BULK: usize = 200;
-    let gotos = |a: &Pod| nft_table(a).matches(": goto svc_").count();
+    let gotos = |a: &Pod| nft_table(a).matches(": goto pick_").count();
     let before: Vec<usize> = east_agents.iter().map(gotos).collect();
     let latency_before = median_tcp_ms(&c1, web_addr, 50);
     let started = Instant::now();
