@@ -19,7 +19,7 @@ use sdn_tunnel_datapath::device::{Device, DeviceConfig};
 use sdn_tunnel_datapath::io::tun::{Tun, TunOptions};
 use sdn_tunnel_datapath::keys::{PrivateKey, PublicKey};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
 use crate::control::{self, Watches};
@@ -78,6 +78,8 @@ struct Plumbing {
     pod_routes: RouteDriver,
     pod_nft: NftDriver,
     node: Option<(RouteDriver, NftDriver)>,
+    /// Destinations of the last successful apply.
+    applied: Mutex<Option<Vec<IpNet>>>,
     services: ServiceProxy,
 }
 
@@ -105,6 +107,7 @@ impl Plumbing {
             pod_routes: RouteDriver::open(None).await?,
             pod_nft: NftDriver::new(None),
             node,
+            applied: Mutex::new(None),
             services: ServiceProxy::new(cfg.resync_interval),
         })
     }
@@ -112,7 +115,21 @@ impl Plumbing {
     /// Makes routes and nftables match `destinations` (remote pod and
     /// service CIDRs): `dev wg0` in the pod, `via <pod IP>` on the node,
     /// MSS clamping into the tunnel, and no masquerade towards them.
-    async fn apply(&self, destinations: &[IpNet]) -> Result<()> {
+    ///
+    /// Unless `force`d (resync, a route event), nothing is done when the
+    /// destinations are those last applied: watch events that change no
+    /// decision (status updates, mostly) cost no netlink dump or nft run.
+    async fn apply(&self, destinations: &[IpNet], force: bool) -> Result<()> {
+        if !force
+            && self
+                .applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                == Some(destinations)
+        {
+            return Ok(());
+        }
         let wg = self.pod_routes.link_index(&self.interface).await?;
         let pod: Vec<Route> = destinations.iter().map(|d| Route::dev(*d, wg)).collect();
         self.pod_routes.apply(&pod).await?;
@@ -130,6 +147,7 @@ impl Plumbing {
             })
             .await?;
         }
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(destinations.to_vec());
         Ok(())
     }
 
@@ -157,7 +175,7 @@ impl Plumbing {
 
 /// Pokes `changed` whenever a route of ours changes in `netns`, so that a
 /// deleted route is restored at once rather than at the next resync.
-async fn watch_routes(netns: Option<std::path::PathBuf>, changed: Arc<tokio::sync::Notify>) {
+async fn watch_routes(netns: Option<std::path::PathBuf>, repair: Arc<tokio::sync::Notify>) {
     let mut events = match RouteEvents::subscribe(netns.as_deref()).await {
         Ok(e) => e,
         Err(e) => {
@@ -168,7 +186,7 @@ async fn watch_routes(netns: Option<std::path::PathBuf>, changed: Arc<tokio::syn
     while let Some(ev) = events.next().await {
         if ev.ours && ev.removed {
             info!(dst = ?ev.dst, "one of our routes was removed; reapplying");
-            changed.notify_one();
+            repair.notify_one();
         }
     }
 }
@@ -270,9 +288,12 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
     let plumbing = Plumbing::open(&cfg)
         .await
         .context("opening netlink and nftables")?;
-    tokio::spawn(watch_routes(None, watches.changed.clone()));
+    // Route events force a full apply (drift repair); watch events only
+    // apply what changed.
+    let repair = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(watch_routes(None, repair.clone()));
     if let Some(ns) = &cfg.node_netns {
-        tokio::spawn(watch_routes(Some(ns.clone()), watches.changed.clone()));
+        tokio::spawn(watch_routes(Some(ns.clone()), repair.clone()));
     }
 
     let decided = Arc::new(Mutex::new(Decided::default()));
@@ -281,9 +302,11 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
         cfg.clone(),
         tunnel.clone(),
         decided.clone(),
+        watches.clone(),
     ));
 
     let mut resync = tokio::time::interval(cfg.resync_interval);
+    let mut force = true;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         watches.follow_declarations();
@@ -295,6 +318,7 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
             &tunnel,
             &plumbing,
             &decided,
+            force,
         )
         .await;
         readiness.send_modify(|r| r.last_apply_ok = ok);
@@ -302,8 +326,10 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
             _ = watches.changed.notified() => {
                 // Coalesce bursts of watch events into one reconcile.
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                force = false;
             }
-            _ = resync.tick() => {}
+            _ = repair.notified() => force = true,
+            _ = resync.tick() => force = true,
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -342,6 +368,7 @@ async fn reconcile(
     tunnel: &Tunnel,
     plumbing: &Plumbing,
     decided: &Mutex<Decided>,
+    force: bool,
 ) -> bool {
     let clusters = watches.clusters();
     let inputs = watches.remote_peers();
@@ -377,7 +404,7 @@ async fn reconcile(
         warn!(peer = %k.to_base64(), %why, "peer not configured");
     }
     let destinations: Vec<IpNet> = desired.routes.iter().map(|r| r.destination).collect();
-    let routed = match plumbing.apply(&destinations).await {
+    let routed = match plumbing.apply(&destinations, force).await {
         Ok(()) => true,
         Err(e) => {
             warn!(error = %e, "applying routes and nftables failed; retrying at the next resync");
@@ -399,6 +426,7 @@ async fn status_loop(
     cfg: AgentConfig,
     tunnel: Arc<Tunnel>,
     decided: Arc<Mutex<Decided>>,
+    watches: Arc<Watches>,
 ) {
     let mut previous: Option<TunnelPeerStatus> = None;
     let mut tick = tokio::time::interval(cfg.status_interval);
@@ -436,13 +464,90 @@ async fn status_loop(
                 .collect();
             let statuses =
                 remote_peer_statuses(mesh, &sourced, &d.desired.peers, &observations, now);
-            own_peer_status(statuses, previous.as_ref(), now)
+            let cluster_statuses = if writes_cluster_status(&watches, &cfg.node_name, now) {
+                cluster_statuses(&watches, mesh, &statuses, now)
+            } else {
+                Vec::new()
+            };
+            (
+                own_peer_status(statuses, previous.as_ref(), now),
+                cluster_statuses,
+            )
         };
+        let (status, cluster_statuses) = status;
         match control::write_status(&client, &cfg.namespace, &cfg.node_name, status.clone()).await {
             Ok(()) => previous = Some(status),
             Err(e) => warn!(error = %e, "cannot write the TunnelPeer status"),
         }
+        debug!(
+            count = cluster_statuses.len(),
+            "TunnelCluster statuses to write"
+        );
+        for (name, st) in cluster_statuses {
+            if let Err(e) = control::write_cluster_status(&client, &name, st).await {
+                warn!(cluster = %name, error = %e, "cannot write the TunnelCluster status");
+            }
+        }
     }
+}
+
+/// Every agent of a cluster sees the same remote clusters, so one of them
+/// is enough to write the (cluster-scoped) `TunnelCluster` statuses: the
+/// live agent whose node name sorts first. Live = its TunnelPeer status was
+/// written within the last 30 s. No lease is needed: during a hand-over two
+/// agents may both write, with the same field manager, and the last write wins.
+fn writes_cluster_status(watches: &Watches, node: &str, now: Timestamp) -> bool {
+    let Ok(local) = watches.local_cluster_name() else {
+        return false;
+    };
+    let Some(stores) = watches.cluster_stores().remove(&local) else {
+        return false;
+    };
+    let live_first = stores
+        .peers
+        .state()
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_update.as_ref())
+                .is_some_and(|t| now.duration_since(t.0).as_secs() <= 30)
+        })
+        .map(|p| p.spec.node.clone())
+        .min();
+    live_first.is_none_or(|first| node <= first.as_str())
+}
+
+/// This node's view of every remote `TunnelCluster`, as its status.
+fn cluster_statuses(
+    watches: &Watches,
+    mesh: &sdn_tunnel_core::Mesh,
+    statuses: &[sdn_tunnel_api::RemotePeerStatus],
+    now: Timestamp,
+) -> Vec<(String, sdn_tunnel_api::TunnelClusterStatus)> {
+    let health = watches.remote_health();
+    watches
+        .clusters()
+        .into_iter()
+        .filter(|c| !c.spec.local)
+        .filter_map(|c| {
+            let name = c.metadata.name.clone()?;
+            // Synced and no error now: the remote API was in sync at `now`.
+            let synced_now = health
+                .get(&c.spec.cluster_name)
+                .is_some_and(|h| h.synced && h.last_error.is_none())
+                .then_some(now);
+            let st = sdn_tunnel_core::status::cluster_status(
+                &c,
+                mesh,
+                statuses,
+                c.status.as_ref(),
+                synced_now,
+                now,
+            );
+            Some((name, st))
+        })
+        .collect()
 }
 
 /// Service proxying: the remote clusters' Services and EndpointSlices (as

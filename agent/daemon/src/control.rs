@@ -21,7 +21,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config, Resource, ResourceExt};
-use sdn_tunnel_api::{TunnelCluster, TunnelPeer, TunnelPeerSpec, TunnelPeerStatus};
+use sdn_tunnel_api::{
+    TunnelCluster, TunnelClusterStatus, TunnelPeer, TunnelPeerSpec, TunnelPeerStatus,
+};
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -164,6 +166,27 @@ pub async fn write_status(
     });
     api.patch_status(
         node_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes a `TunnelCluster` status (server-side apply on the status subresource).
+pub async fn write_cluster_status(
+    client: &Client,
+    name: &str,
+    status: TunnelClusterStatus,
+) -> Result<(), ControlError> {
+    let api: Api<TunnelCluster> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": sdn_tunnel_api::API_VERSION,
+        "kind": "TunnelCluster",
+        "status": status,
+    });
+    api.patch_status(
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )

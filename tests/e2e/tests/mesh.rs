@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
 use kube::Api;
-use sdn_tunnel_api::{PeerState, TunnelPeer, TunnelPeerSpec};
+use sdn_tunnel_api::{PeerState, TunnelCluster, TunnelPeer, TunnelPeerSpec};
 use sdn_tunnel_e2e::{
     install, start_agents, tunnel_peers, wait_mesh_connected, workspace_binary, FIELD_MANAGER,
     NAMESPACE,
@@ -48,6 +48,32 @@ async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
         started.elapsed().as_secs_f64(),
         took.as_secs_f64()
     );
+
+    // One agent per cluster summarises the mesh into the TunnelCluster status.
+    for (here, there) in [("east", "west"), ("west", "east")] {
+        let client = lab.client(here, Identity::Admin).await.unwrap();
+        let api: Api<TunnelCluster> = Api::all(client);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = api.get(there).await.unwrap().status.unwrap_or_default();
+            let connected = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Connected" && c.status == "True");
+            if connected
+                && st.peers_ready == Some(2)
+                && st.peers_total == Some(2)
+                && st.last_sync.is_some()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "TunnelCluster {there} in {here}: {st:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 
     // Every node published its TunnelPeer: own key, node endpoint, node pod CIDR.
     let peers = tunnel_peers(&lab).await.unwrap();
