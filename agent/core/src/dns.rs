@@ -161,6 +161,8 @@ pub enum SkipReason {
     BadName(String),
     /// The zone of a cluster is the merged zone, or another cluster's zone.
     ZoneConflict(String),
+    /// The zone of a cluster (or the merged zone) is not a valid DNS zone.
+    BadZone(String),
 }
 
 impl std::fmt::Display for SkipReason {
@@ -180,6 +182,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::BadEndpointAddress(s) => write!(f, "endpoint address {s:?} is not an IP"),
             SkipReason::BadName(s) => write!(f, "{s:?} is not a DNS label"),
             SkipReason::ZoneConflict(z) => write!(f, "zone {z} is served for another cluster"),
+            SkipReason::BadZone(z) => write!(f, "{z:?} is not a valid DNS zone"),
         }
     }
 }
@@ -562,7 +565,13 @@ pub fn dns_records(input: DnsInput<'_>) -> DnsRecords {
         let zone_name = c.spec.dns_zone().trim_end_matches('.').to_ascii_lowercase();
         let objects = input.objects.get(name).unwrap_or(&empty);
         let entries = cluster_entries(name, &c.spec, objects, &mut out.skipped);
-        if zone_name == merged_zone || out.zones.contains_key(&zone_name) {
+        if sdn_tunnel_api::validate::validate_dns_zone(&zone_name).is_err() {
+            out.skipped.push(Skipped {
+                cluster: name.to_string(),
+                object: zone_name.clone(),
+                reason: SkipReason::BadZone(zone_name),
+            });
+        } else if zone_name == merged_zone || out.zones.contains_key(&zone_name) {
             out.skipped.push(Skipped {
                 cluster: name.to_string(),
                 object: zone_name.clone(),
@@ -583,11 +592,19 @@ pub fn dns_records(input: DnsInput<'_>) -> DnsRecords {
             }
         }
     }
-    let mut zone = Zone::default();
-    for ((ns, svc), e) in &merged {
-        e.render(&mut zone, svc, ns, &merged_zone);
+    if sdn_tunnel_api::validate::validate_dns_zone(&merged_zone).is_err() {
+        out.skipped.push(Skipped {
+            cluster: input.local_cluster.to_string(),
+            object: merged_zone.clone(),
+            reason: SkipReason::BadZone(merged_zone),
+        });
+    } else {
+        let mut zone = Zone::default();
+        for ((ns, svc), e) in &merged {
+            e.render(&mut zone, svc, ns, &merged_zone);
+        }
+        out.zones.insert(merged_zone, zone);
     }
-    out.zones.insert(merged_zone, zone);
     out.skipped.sort();
     out.skipped.dedup();
     out
@@ -1130,6 +1147,34 @@ mod tests {
             r.zones["cluster.all"].addrs("only-west.demo.svc.cluster.all"),
             ips(&["10.102.0.11"])
         );
+    }
+
+    #[test]
+    fn a_bad_zone_is_skipped_not_fatal() {
+        let mut cs = clusters();
+        cs[1].spec.dns_zone = Some("bad zone..".into());
+        let policy = DnsPolicy {
+            merged_zone: "-all".into(),
+            ..DnsPolicy::default()
+        };
+        let r = dns_records(DnsInput {
+            local_cluster: "east",
+            clusters: &cs,
+            objects: &world(),
+            now: now(),
+            policy: &policy,
+        });
+        assert_eq!(
+            r.zones.keys().collect::<Vec<_>>(),
+            ["cluster.east", "cluster.north"]
+        );
+        let bad: Vec<&str> = r
+            .skipped
+            .iter()
+            .filter(|s| matches!(s.reason, SkipReason::BadZone(_)))
+            .map(|s| s.object.as_str())
+            .collect();
+        assert_eq!(bad, ["-all", "bad zone"]);
     }
 
     #[test]

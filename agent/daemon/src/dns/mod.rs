@@ -44,8 +44,6 @@ pub enum DnsError {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
-    #[error(transparent)]
-    Zone(#[from] ZoneError),
     #[error("the DNS server stopped: {0}")]
     Server(String),
 }
@@ -225,12 +223,8 @@ pub async fn run(cfg: DnsConfig) -> Result<(), DnsError> {
     let client = local_client(&cfg).await?;
     let watches = Watches::start(client, &cfg.namespace);
     let policy = cfg.policy();
-    let handler = DnsHandler::new(build_catalog(
-        &DnsRecords::default(),
-        cfg.ttl,
-        0,
-        forwarder.clone(),
-    )?);
+    let handler =
+        DnsHandler::new(build_catalog(&DnsRecords::default(), cfg.ttl, 0, forwarder.clone()).0);
     let (mut server, _) = bind(cfg.listen, handler.clone()).await?;
     info!(listen = %cfg.listen, merged_zone = %policy.merged_zone, ttl = cfg.ttl, "serving DNS");
     let mut served: Option<DnsRecords> = None;
@@ -257,24 +251,23 @@ pub async fn run(cfg: DnsConfig) -> Result<(), DnsError> {
         }
         log_changes(served.as_ref(), &records);
         serial = serial.wrapping_add(1);
-        match build_catalog(&records, cfg.ttl, serial, forwarder.clone()) {
-            Ok(catalog) => {
-                handler.replace(catalog);
-                debug!(
-                    serial,
-                    zones = records.zones.len(),
-                    names = records
-                        .zones
-                        .values()
-                        .map(|z| z.records.len())
-                        .sum::<usize>(),
-                    "zones updated"
-                );
-                served = Some(records);
-                ready.store(true, Ordering::Relaxed);
-            }
-            Err(e) => warn!(error = %e, "cannot build the zones; still serving the previous ones"),
+        let (catalog, errors) = build_catalog(&records, cfg.ttl, serial, forwarder.clone());
+        for e in errors {
+            warn!(error = %e, "zone left out");
         }
+        handler.replace(catalog);
+        debug!(
+            serial,
+            zones = records.zones.len(),
+            names = records
+                .zones
+                .values()
+                .map(|z| z.records.len())
+                .sum::<usize>(),
+            "zones updated"
+        );
+        served = Some(records);
+        ready.store(true, Ordering::Relaxed);
     }
 }
 

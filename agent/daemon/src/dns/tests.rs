@@ -75,7 +75,9 @@ async fn serve(records: &DnsRecords, upstream: Option<Upstream>) -> (DnsHandler,
         Arc::new(forwarder(&[u], Path::new("/nonexistent")).unwrap().unwrap())
             as Arc<dyn ZoneHandler>
     });
-    let handler = DnsHandler::new(build_catalog(records, 5, 1, fwd).unwrap());
+    let (catalog, errors) = build_catalog(records, 5, 1, fwd);
+    assert!(errors.is_empty(), "{errors:?}");
+    let handler = DnsHandler::new(catalog);
     let (mut server, bound) = bind("127.0.0.1:0".parse().unwrap(), handler.clone())
         .await
         .unwrap();
@@ -317,7 +319,7 @@ async fn replacing_the_records_changes_the_answers() {
         zone(&[("web.demo.svc.cluster.all", vec![addr("10.101.0.10")])]),
     );
     rec.zones.remove("cluster.west");
-    handler.replace(build_catalog(&rec, 5, 2, None).unwrap());
+    handler.replace(build_catalog(&rec, 5, 2, None).0);
     let r = udp(
         srv,
         &query("web.demo.svc.cluster.all.", RecordType::A, false),
@@ -418,4 +420,42 @@ fn hickory_query_logs_are_quiet_by_default() {
     let text = f.to_string();
     assert!(text.contains("hickory_server=warn"), "{text}");
     assert!(text.contains("info"), "{text}");
+}
+
+#[tokio::test]
+async fn a_zone_that_cannot_be_built_leaves_the_others_served() {
+    let mut rec = records();
+    rec.zones.insert(
+        "bad..zone".into(),
+        zone(&[("x.bad..zone", vec![addr("10.9.9.9")])]),
+    );
+    rec.zones.insert(
+        "cluster.odd".into(),
+        zone(&[(
+            "svc.cluster.odd",
+            vec![RecordData::Srv {
+                port: 1,
+                target: "not..a..name".into(),
+            }],
+        )]),
+    );
+    let (catalog, errors) = build_catalog(&rec, 5, 1, None);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let handler = DnsHandler::new(catalog);
+    let (mut server, srv) = bind("127.0.0.1:0".parse().unwrap(), handler).await.unwrap();
+    tokio::spawn(async move {
+        let _ = server.block_until_done().await;
+    });
+    let r = udp(
+        srv,
+        &query("web.demo.svc.cluster.west.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(ips(&r), set(&["10.102.0.10"]));
+    let r = udp(
+        srv,
+        &query("web.demo.svc.cluster.all.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(ips(&r).len(), 2);
 }

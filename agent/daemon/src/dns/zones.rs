@@ -82,22 +82,28 @@ fn zone_handler(
 }
 
 /// A catalog serving `records` with `ttl`, and forwarding every other name
-/// to `forwarder` (REFUSED without one).
+/// to `forwarder` (REFUSED without one). A zone that cannot be built is left
+/// out (and returned with the reason); the others are served.
 pub fn build_catalog(
     records: &DnsRecords,
     ttl: u32,
     serial: u32,
     forwarder: Option<Arc<dyn ZoneHandler>>,
-) -> Result<Catalog, ZoneError> {
+) -> (Catalog, Vec<ZoneError>) {
     let mut catalog = Catalog::new();
+    let mut errors = Vec::new();
     if let Some(f) = forwarder {
         catalog.upsert(LowerName::from(Name::root()), vec![f]);
     }
     for (zone, zrecords) in &records.zones {
-        let handler = zone_handler(zone, zrecords, ttl, serial)?;
-        catalog.upsert(LowerName::from(name(zone)?), vec![Arc::new(handler)]);
+        let built = zone_handler(zone, zrecords, ttl, serial)
+            .and_then(|h| Ok((LowerName::from(name(zone)?), h)));
+        match built {
+            Ok((origin, handler)) => catalog.upsert(origin, vec![Arc::new(handler)]),
+            Err(e) => errors.push(e),
+        }
     }
-    Ok(catalog)
+    (catalog, errors)
 }
 
 /// The request handler given to the hickory server: answers from the
