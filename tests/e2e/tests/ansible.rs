@@ -309,8 +309,41 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
     );
 
     // 6. Uninstall leaves nothing, and a second uninstall changes nothing.
+    let node_state = |netns: &str| {
+        let routes = sdn_tunnel_lab::sys::ip_in(netns, &["route", "show", "proto", "93"]).unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "nft", "list", "tables"])
+            .output()
+            .unwrap();
+        (routes, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for plan in lab.config().plan() {
+        for n in &plan.nodes {
+            let (routes, tables) = node_state(&n.netns);
+            assert!(
+                !routes.is_empty() && tables.contains("sdn_tunnel_node"),
+                "{}: {routes} {tables}",
+                n.name
+            );
+        }
+    }
     let gone = run_playbook("uninstall.yml", &inventory, &[]).unwrap();
     must(&gone, "uninstall.yml");
+    // With the DaemonSet and Deployment gone, a kubelet stops their pods
+    // (SIGTERM): the agents take their routes and nftables tables with them.
+    for (_, p) in agents.iter().chain(&dns) {
+        lab.stop_pod(&p.cluster, &p.name).unwrap();
+    }
+    for plan in lab.config().plan() {
+        for n in &plan.nodes {
+            let (routes, tables) = node_state(&n.netns);
+            assert!(
+                routes.is_empty() && !tables.contains("sdn_tunnel"),
+                "{} after uninstall: {routes} {tables}",
+                n.name
+            );
+        }
+    }
     for c in &lab.config().clusters {
         let admin = lab.client(c, Identity::Admin).await.unwrap();
         let left = leftovers(&admin).await.unwrap();
