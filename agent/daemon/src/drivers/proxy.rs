@@ -609,6 +609,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::process::Command;
 
+    use proptest::prelude::*;
     use sdn_tunnel_core::services::{Protocol, ProxiedService};
 
     use super::*;
@@ -819,6 +820,118 @@ mod tests {
                 "add element no_endpoints_v4 1",
             ]
         );
+    }
+
+    /// A model of the table: set/map name → element key → value, and the
+    /// chains. Applying a command that the kernel would refuse (adding an
+    /// element or chain that exists, deleting one that does not) is an error.
+    #[derive(Debug, Default, PartialEq)]
+    struct Model {
+        sets: BTreeMap<String, BTreeMap<String, String>>,
+        chains: BTreeSet<String>,
+    }
+
+    impl Model {
+        fn apply(&mut self, verb: &str, obj: &Value) -> Result<(), String> {
+            let (kind, inner) = obj.as_object().unwrap().iter().next().unwrap();
+            let name = inner["name"].as_str().unwrap_or_default().to_string();
+            match (verb, kind.as_str()) {
+                ("add", "element") | ("delete", "element") => {
+                    let set = self.sets.entry(name.clone()).or_default();
+                    for e in inner["elem"].as_array().unwrap() {
+                        let (k, v) = match e.as_array() {
+                            Some(kv) if kv.len() == 2 => (kv[0].to_string(), kv[1].to_string()),
+                            _ => (e.to_string(), String::new()),
+                        };
+                        if verb == "add" {
+                            if set.insert(k.clone(), v).is_some() {
+                                return Err(format!("{name}: {k} exists"));
+                            }
+                        } else if set.remove(&k).is_none() {
+                            return Err(format!("{name}: {k} absent"));
+                        }
+                    }
+                }
+                ("flush", "set") => {
+                    self.sets.entry(name).or_default().clear();
+                }
+                ("add", "chain") => {
+                    if self.chains.contains(&name) {
+                        return Err(format!("chain {name} exists"));
+                    }
+                    self.chains.insert(name);
+                }
+                ("add", "rule") => {
+                    let chain = inner["chain"].as_str().unwrap();
+                    if !self.chains.contains(chain) {
+                        return Err(format!("rule in missing chain {chain}"));
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+
+        fn of(r: &Rendered) -> Model {
+            let mut m = Model::default();
+            for o in table_objects(r) {
+                m.apply("add", &o).unwrap();
+            }
+            m
+        }
+    }
+
+    fn arb_state() -> impl Strategy<Value = ProxyState> {
+        let one = (
+            0u8..4,
+            prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)],
+            any::<bool>(),
+            prop::collection::vec(0u8..6, 0..5),
+        );
+        prop::collection::vec(one, 0..6).prop_map(|v| {
+            let mut services: Vec<ProxiedService> = v
+                .into_iter()
+                .map(|(ip, proto, hash, eps)| {
+                    let eps: Vec<String> = eps.iter().map(|e| format!("10.2.1.{e}:8080")).collect();
+                    let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
+                    let mut s = svc(
+                        &format!("10.102.0.{ip}"),
+                        proto,
+                        80,
+                        &refs,
+                        if hash {
+                            Affinity::ClientIp { timeout_seconds: 1 }
+                        } else {
+                            Affinity::None
+                        },
+                    );
+                    s.endpoints.sort();
+                    s.endpoints.dedup();
+                    s
+                })
+                .collect();
+            services.sort_by_key(|s| s.frontend);
+            services.dedup_by_key(|s| s.frontend);
+            state(services)
+        })
+    }
+
+    proptest::proptest! {
+        /// The difference, applied to the old table, gives exactly the new
+        /// one, and never asks the kernel for something it would refuse.
+        #[test]
+        fn incremental_commands_turn_old_into_new(a in arb_state(), b in arb_state()) {
+            let old = Rendered::of(&a);
+            let mut new = Rendered::of(&b);
+            let mut model = Model::of(&old);
+            for cmd in incremental_commands(&old, &mut new) {
+                let (verb, obj) = cmd.as_object().unwrap().iter().next().unwrap();
+                model.apply(verb, obj).map_err(proptest::test_runner::TestCaseError::fail)?;
+            }
+            // (an emptied set and a never-filled one are the same table)
+            model.sets.retain(|_, v| !v.is_empty());
+            proptest::prop_assert_eq!(model, Model::of(&new));
+        }
     }
 
     // ---- against the kernel (root only) ----
