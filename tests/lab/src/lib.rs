@@ -45,6 +45,8 @@ pub use sys::ProcRecord;
 
 /// Port every lab pod's server listens on, TCP and UDP.
 pub const POD_SERVER_PORT: u16 = 8080;
+/// Port of every lab pod's bulk-transfer server (TCP; see [`server::bulk_download`]).
+pub const POD_BULK_PORT: u16 = POD_SERVER_PORT + 1;
 
 /// A pod of the lab: a network namespace on a node's `cbr0`, usually with
 /// the lab's tiny server in it (it answers its own name).

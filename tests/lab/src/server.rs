@@ -33,6 +33,20 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
             }
         }
     });
+    let bulk_port = port
+        .checked_add(1)
+        .context("no port above the server's for bulk transfers")?;
+    let bulk = TcpListener::bind(("0.0.0.0", bulk_port))
+        .with_context(|| format!("binding TCP port {bulk_port}"))?;
+    std::thread::spawn(move || {
+        for conn in bulk.incoming().flatten() {
+            std::thread::spawn(move || {
+                if let Err(e) = serve_bulk(conn) {
+                    eprintln!("bulk: {e:#}");
+                }
+            });
+        }
+    });
     for conn in tcp.incoming() {
         match conn {
             Ok(mut stream) => {
@@ -42,6 +56,97 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The bulk protocol on `port + 1`: the client sends one line, `send N`
+/// (the server streams N bytes and closes) or `recv` (the server counts
+/// what the client sends until it shuts down its side, and answers the
+/// count). Full-size segments both ways: what an MTU test needs.
+fn serve_bulk(mut stream: TcpStream) -> Result<()> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+        if line.len() > 64 {
+            bail!("request line too long");
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    let chunk = [0x5au8; 64 * 1024];
+    if let Some(n) = line.strip_prefix("send ") {
+        let mut left: u64 = n.trim().parse().context("send N: N is not a number")?;
+        while left > 0 {
+            let k = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+            stream.write_all(&chunk[..k])?;
+            left -= k as u64;
+        }
+        Ok(())
+    } else if line == "recv" {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total: u64 = 0;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        stream.write_all(format!("{total}\n").as_bytes())?;
+        Ok(())
+    } else {
+        bail!("unknown bulk request {line:?}")
+    }
+}
+
+/// Downloads `bytes` from a lab pod's bulk port (`addr` is that port) from
+/// inside `netns`; returns how many bytes arrived.
+pub fn bulk_download(netns: &str, addr: SocketAddr, bytes: u64, timeout: Duration) -> Result<u64> {
+    in_netns(netns, move || {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(format!("send {bytes}\n").as_bytes())?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total: u64 = 0;
+        loop {
+            let n = stream
+                .read(&mut buf)
+                .with_context(|| format!("reading from {addr} after {total} bytes"))?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        Ok(total)
+    })
+}
+
+/// Uploads `bytes` to a lab pod's bulk port from inside `netns`; returns
+/// how many bytes the server says it received.
+pub fn bulk_upload(netns: &str, addr: SocketAddr, bytes: u64, timeout: Duration) -> Result<u64> {
+    in_netns(netns, move || {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(b"recv\n")?;
+        let chunk = [0xa5u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let k = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+            stream
+                .write_all(&chunk[..k])
+                .with_context(|| format!("writing to {addr}, {left} bytes left"))?;
+            left -= k as u64;
+        }
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        answer
+            .trim()
+            .parse()
+            .with_context(|| format!("server answered {answer:?}"))
+    })
 }
 
 /// Connects from inside network namespace `netns` to `addr` over TCP and
