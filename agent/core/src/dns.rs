@@ -7,7 +7,7 @@
 //! # Zones
 //!
 //! - For every declared cluster (local included) its zone
-//!   ([`TunnelClusterSpec::dns_zone`], default `cluster.<name>`) answers
+//!   ([`sdn_tunnel_api::TunnelClusterSpec::dns_zone`], default `cluster.<name>`) answers
 //!   `<svc>.<ns>.svc.<zone>` with the Service's ClusterIP (A or AAAA), or for
 //!   a headless Service with the IPs of its ready, not terminating
 //!   endpoints (and `<hostname>.<svc>.<ns>.svc.<zone>` per endpoint);
