@@ -97,24 +97,8 @@ pub async fn install_crds(client: &Client) -> Result<()> {
         }
     }
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
     for name in names {
-        loop {
-            let crd = crds.get(&name).await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("CRD {name} not established");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        sdn_tunnel_lab::controlplane::wait_crd_established(&crds, &name).await?;
     }
     Ok(())
 }

@@ -460,7 +460,8 @@ fn endpointslice_v1_shim() -> Result<CustomResourceDefinition> {
     Ok(serde_json::from_value(crd)?)
 }
 
-async fn wait_crd_established(crds: &Api<CustomResourceDefinition>, name: &str) -> Result<()> {
+/// Waits (up to 30 s) until the CRD `name` is Established, i.e. served.
+pub async fn wait_crd_established(crds: &Api<CustomResourceDefinition>, name: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let crd = crds.get(name).await?;
