@@ -62,9 +62,11 @@ struct Args {
     /// Upstream wireguard-go with offloads.
     #[arg(long)]
     wireguard_go_upstream: Option<PathBuf>,
-    /// Worker count for the bench-local runtime (0: its default).
-    #[arg(long, default_value_t = 0)]
-    workers: usize,
+    /// Worker counts for the bench-local runtime, one row each
+    /// (`ours-runtime-w<n>`; the default `0` is one row `ours-runtime`
+    /// with the runtime's own choice).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    workers: Vec<usize>,
     /// Keep the logs of the tunnel processes here.
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -881,16 +883,22 @@ fn main() -> Result<()> {
             )
         }),
     ));
-    candidates.push((
-        Impl {
-            name: s("ours-runtime"),
-            kind: Kind::Static {
-                bin: ours_runtime.clone(),
-                workers: args.workers,
+    for &w in &args.workers {
+        let name = match (w, args.workers.len()) {
+            (0, 1) => s("ours-runtime"),
+            (w, _) => format!("ours-runtime-w{w}"),
+        };
+        candidates.push((
+            Impl {
+                name,
+                kind: Kind::Static {
+                    bin: ours_runtime.clone(),
+                    workers: w,
+                },
             },
-        },
-        (!exists(&ours_runtime)).then(|| format!("{} is absent", ours_runtime.display())),
-    ));
+            (!exists(&ours_runtime)).then(|| format!("{} is absent", ours_runtime.display())),
+        ));
+    }
 
     let mut impls = Vec::new();
     for (imp, missing) in candidates {
@@ -997,7 +1005,12 @@ fn main() -> Result<()> {
         println!();
     }
     println!();
-    for ours in ["ours", "ours-runtime"] {
+    let ours_rows: Vec<&str> = impls
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| n.starts_with("ours"))
+        .collect();
+    for ours in ours_rows {
         if !samples.contains_key(ours) {
             continue;
         }

@@ -365,14 +365,19 @@ fn stop_on_drop_and_restart_from_parts() {
     };
     assert_eq!(counters(&device.stats()), counters(&before));
     assert!(before[0].last_handshake_age.is_some());
-    // Restart on a fresh socket group: sessions survive, traffic flows.
+    // Restart on a fresh socket group (two workers): sessions survive, traffic flows.
     let path = a.ns.path();
     let rt = a.ns.enter(|| {
         let mut opts = UdpOptions::new(format!("192.168.77.1:{PORT}").parse().unwrap());
         opts.netns = Some(path.into());
-        let udp = UdpSocket::bind_group(&opts, 1).unwrap();
-        Runtime::start(device, tun, udp, RuntimeConfig::default()).unwrap()
+        // `bind`: one socket per worker, default buffers.
+        let config = RuntimeConfig {
+            workers: 2,
+            ..RuntimeConfig::default()
+        };
+        Runtime::bind(device, tun, &opts, config).unwrap()
     });
+    assert_eq!(rt.workers(), 2);
     a.rt = Some(rt);
     udp_echo(&a, &b, "10.77.0.2", &[100, 1400]);
     tcp_transfer(&b, &a, "10.77.0.1", 1 << 20, 3);

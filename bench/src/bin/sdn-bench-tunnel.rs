@@ -12,7 +12,7 @@ use clap::Parser;
 use ipnet::IpNet;
 use nix::sys::signal::{SigSet, Signal};
 use sdn_tunnel_datapath::io::tun::{Tun, TunOptions};
-use sdn_tunnel_datapath::io::udp::{UdpOptions, UdpSocket};
+use sdn_tunnel_datapath::io::udp::UdpOptions;
 use sdn_tunnel_datapath::runtime::{Runtime, RuntimeConfig};
 use sdn_tunnel_datapath::{Device, DeviceConfig, PeerConfig, PrivateKey, PublicKey};
 
@@ -79,11 +79,10 @@ fn main() -> Result<()> {
     let mut opts = UdpOptions::new(args.listen);
     opts.gso = !args.no_udp_offload;
     opts.gro = !args.no_udp_offload;
-    let udp = UdpSocket::bind_group(&opts, workers).context("binding UDP")?;
-    let rt = Runtime::start(
+    let rt = Runtime::bind(
         Device::new(DeviceConfig::new(key)),
         tun,
-        udp,
+        &opts,
         RuntimeConfig {
             workers,
             ..RuntimeConfig::default()
