@@ -211,14 +211,29 @@ log "tunctl peers --check"
 "$tunctl" --kubeconfig "$work/$west.kubeconfig" --context "kind-$west" peers --check
 
 # --- uninstall ----------------------------------------------------------------
+# Routes the agents installed on a node (route protocol 93 is theirs).
+our_routes() { docker exec "$1" ip route show proto 93; }
+for c in "$east" "$west"; do
+    for node in $(kind get nodes --name "$c"); do
+        [ -n "$(our_routes "$node")" ] || fail "$node has no route of the agents"
+        echo "ok: $node routes the remote CIDRs to its agent"
+    done
+done
+
 log "uninstall.yml"
 playbook uninstall.yml >/dev/null
 "$check" --inventory "$inventory" uninstalled
 for c in "$east" "$west"; do
     for node in $(kind get nodes --name "$c"); do
-        # the agents removed their routes (protocol of ours) on SIGTERM
-        if docker exec "$node" ip route | grep -Eq '^10\.(1|2|101|102)\.0\.0/16'; then
-            fail "$node still routes a remote CIDR after uninstall"
+        # the DaemonSet's pods got SIGTERM and removed their routes
+        for _ in $(seq 30); do
+            [ -z "$(our_routes "$node")" ] && break
+            sleep 1
+        done
+        [ -z "$(our_routes "$node")" ] || fail "$node still has the agents' routes after uninstall"
+        if docker exec "$node" sh -c 'command -v nft' >/dev/null \
+            && docker exec "$node" nft list tables | grep -q sdn_tunnel; then
+            fail "$node still has the agents' nftables table after uninstall"
         fi
     done
 done

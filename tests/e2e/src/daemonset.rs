@@ -35,7 +35,8 @@ pub struct AgentLaunch {
     pub service_account: String,
 }
 
-/// A hostPath volume mounted into the container.
+/// A hostPath (or emptyDir, a kubelet-made directory on the node) volume
+/// mounted into the container.
 #[derive(Debug, Clone)]
 struct HostMount {
     mount_path: PathBuf,
@@ -57,16 +58,27 @@ fn host_mounts(spec: &PodSpec, c: &Container) -> Result<Vec<HostMount>> {
             .flatten()
             .find(|v| v.name == m.name)
             .with_context(|| format!("volumeMount {} has no volume", m.name))?;
-        let Some(hp) = &vol.host_path else {
-            bail!(
-                "volume {} is not a hostPath: the lab cannot provide it",
+        let (host_path, host_type) = match (&vol.host_path, &vol.empty_dir) {
+            (Some(hp), None) => (
+                PathBuf::from(&hp.path),
+                hp.type_.clone().unwrap_or_default(),
+            ),
+            // An emptyDir is a directory the kubelet makes on the node for
+            // this pod (one pod of this template per node in the lab). Kept
+            // short: UNIX socket paths must fit in 108 bytes.
+            (None, Some(_)) => (
+                PathBuf::from(format!("/emptydir/{}", vol.name)),
+                "DirectoryOrCreate".to_string(),
+            ),
+            _ => bail!(
+                "volume {} is neither a hostPath nor an emptyDir: the lab cannot provide it",
                 vol.name
-            );
+            ),
         };
         out.push(HostMount {
             mount_path: PathBuf::from(&m.mount_path),
-            host_path: PathBuf::from(&hp.path),
-            host_type: hp.type_.clone().unwrap_or_default(),
+            host_path,
+            host_type,
         });
     }
     Ok(out)

@@ -207,6 +207,39 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
             .join("var/lib/sdn-tunnel/private.key");
         assert!(path.is_file(), "{} has no key on its node", p.node);
     }
+    // Each agent serves `wg show` (UAPI, read-only) in its emptyDir.
+    for (_, p) in &agents {
+        use std::io::{BufRead, Write};
+        let sock = sdn_tunnel_e2e::daemonset::node_root(&lab, &p.cluster, &p.node)
+            .join("emptydir/wireguard-uapi/wg0.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)
+            .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+        s.write_all(b"get=1\n\n").unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap() == 0 || l == "\n" {
+                break;
+            }
+            lines.push(l.trim_end().to_string());
+        }
+        assert!(
+            lines.iter().any(|l| l == "errno=0"),
+            "{}: {lines:?}",
+            p.node
+        );
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("public_key="))
+                .count(),
+            2,
+            "{}: {lines:?}",
+            p.node
+        );
+    }
+
     // Least privilege is also enough: no agent was refused anything.
     for (_, p) in &agents {
         let log = std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap();
