@@ -178,6 +178,20 @@ fetch() { # from-cluster url -> body
     kc "$1" -n demo exec client -- wget -q -T 5 -O - "$2"
 }
 
+# fetch, retried for up to two minutes: CoreDNS picks up the stub domains
+# the playbook added only at its next `reload` (and the kubelet syncs the
+# ConfigMap volume lazily).
+fetch_eventually() { # from-cluster url -> body
+    local i
+    for i in $(seq 24); do
+        if fetch "$1" "$2" 2>/dev/null; then
+            return 0
+        fi
+        [ "$i" = 24 ] || sleep 5
+    done
+    return 1
+}
+
 log "pod IP to pod IP, both ways"
 for pair in "east west" "west east"; do
     read -r from to <<<"$pair"
@@ -194,11 +208,11 @@ for pair in "east west" "west east"; do
     pods=$(kc "$to" -n demo get pods -l app=web -o jsonpath='{.items[*].metadata.name}')
     ip=$(kc "$to" -n demo get svc web -o jsonpath='{.spec.clusterIP}')
     for url in "http://$ip/hostname" "http://web.demo.svc.cluster.$to/hostname"; do
-        got=$(fetch "$from" "$url") || fail "$from -> $url"
+        got=$(fetch_eventually "$from" "$url") || fail "$from -> $url"
         case " $pods " in *" $got "*) echo "ok: $from -> $url answered by $to's $got" ;;
             *) fail "$from -> $url answered '$got', not one of $to's pods ($pods)" ;; esac
     done
-    addrs=$(kc "$from" -n demo exec client -- nslookup web.demo.svc.cluster.all) || fail "$from: cluster.all lookup"
+    addrs=$(kc "$from" -n demo exec client -- nslookup web.demo.svc.cluster.all.) || fail "$from: cluster.all lookup"
     for c in east west; do
         cip=$(kc "$c" -n demo get svc web -o jsonpath='{.spec.clusterIP}')
         grep -q "$cip" <<<"$addrs" || fail "$from: web.demo.svc.cluster.all lacks $c's $cip: $addrs"
