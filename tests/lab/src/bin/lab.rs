@@ -2,18 +2,17 @@
 //!
 //! `lab up` builds it and leaves it running, `lab status` shows it,
 //! `lab down` removes everything. `lab pod` and `lab service` add workloads;
-//! `lab demo` adds the demo's workloads and shows what reaches what.
+//! `make demo` (tests/e2e/src/bin/demo.rs) shows the whole system on it.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use sdn_tunnel_lab::config::{default_dir, DEFAULT_NAME};
-use sdn_tunnel_lab::server::{self, tcp_request};
-use sdn_tunnel_lab::{teardown, Identity, Lab, LabConfig, Netem, POD_SERVER_PORT};
+use sdn_tunnel_lab::server;
+use sdn_tunnel_lab::{teardown, Lab, LabConfig, Netem, POD_SERVER_PORT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -117,11 +116,6 @@ enum Command {
         /// The tunctl the playbook runs at the end.
         #[arg(long)]
         tunctl: Option<PathBuf>,
-    },
-    /// Add the demo's pods and services, and show what reaches what.
-    Demo {
-        #[command(flatten)]
-        lab: LabRef,
     },
     /// Run the pod server (used inside pod namespaces).
     Serve {
@@ -255,7 +249,6 @@ async fn run(command: Command) -> Result<()> {
             println!("{}", lab.write_ansible_inventory(&path, &opts)?.display());
             Ok(())
         }
-        Command::Demo { lab } => demo(&mut lab.attach()?).await,
         Command::Serve { .. } => unreachable!("handled before the runtime starts"),
     }
 }
@@ -331,63 +324,5 @@ fn status(lab: &Lab) -> Result<()> {
             println!("  WARNING: {} (pid {}) is not running", p.what, p.pid);
         }
     }
-    Ok(())
-}
-
-/// The demo's workloads: two pods per cluster (one per node) and a Service
-/// over them; then a reachability matrix from one pod of the first cluster.
-async fn demo(lab: &mut Lab) -> Result<()> {
-    let clusters = lab.config().clusters.clone();
-    let nodes = lab.config().nodes_per_cluster;
-    for c in &clusters {
-        for n in 1..=nodes.min(2) {
-            let name = format!("web-{n}");
-            if lab.pod(c, &name).is_err() {
-                lab.add_pod(c, n, &name)?;
-            }
-        }
-        let backends: Vec<_> = lab
-            .state()
-            .pods
-            .iter()
-            .filter(|p| &p.cluster == c)
-            .cloned()
-            .collect();
-        let refs: Vec<_> = backends.iter().collect();
-        let svc = lab.add_service(c, "demo", "web", 80, &refs).await?;
-        let ip = svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
-        println!(
-            "{c}: service demo/web {ip}:80 over {:?}",
-            backends.iter().map(|p| &p.name).collect::<Vec<_>>()
-        );
-        let client = lab.client(c, Identity::Admin).await?;
-        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
-        for n in nodes.list(&Default::default()).await? {
-            let cidr = n.spec.and_then(|s| s.pod_cidr).unwrap_or_default();
-            println!(
-                "{c}: node {} podCIDR {cidr}",
-                n.metadata.name.unwrap_or_default()
-            );
-        }
-    }
-    let Some(from_cluster) = clusters.first() else {
-        return Ok(());
-    };
-    let from = lab.pod(from_cluster, "web-1")?.clone();
-    println!("\nfrom {}/{} ({}):", from.cluster, from.name, from.ip);
-    for to in lab
-        .state()
-        .pods
-        .iter()
-        .filter(|p| p.name != from.name || p.cluster != from.cluster)
-    {
-        let addr = SocketAddr::from((to.ip, POD_SERVER_PORT));
-        let verdict = match tcp_request(&from.netns, addr, Duration::from_secs(2)) {
-            Ok(answer) => format!("reached, answered {answer:?}"),
-            Err(e) => format!("unreachable ({})", e.root_cause()),
-        };
-        println!("  -> {}/{} {addr}: {verdict}", to.cluster, to.name);
-    }
-    println!("\nCross-cluster pod traffic needs the tunnel (tunnel-agent); within a cluster it is routed by the nodes.");
     Ok(())
 }
