@@ -162,7 +162,11 @@ pub fn set_condition(
     let status = if status { "True" } else { "False" }.to_string();
     // An empty message reaches the apiserver as null through server-side
     // apply, which the CRD schema (type: string) refuses: say the reason.
-    let message = if message.is_empty() { reason.to_string() } else { message };
+    let message = if message.is_empty() {
+        reason.to_string()
+    } else {
+        message
+    };
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != status {
