@@ -81,6 +81,21 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
         "sdn_tunnel_coredns_stub_domains".into(),
         serde_yaml::Value::Bool(true),
     );
+    // An endpoint override (what a node behind NAT gets), here pointing at
+    // the node's real address so that the mesh must still come up with it.
+    let west1 = lab.cluster("west").unwrap().nodes[0].clone();
+    let west1_endpoint = format!("{}:51820", west1.underlay_ip);
+    opts.host_overrides.insert(
+        "west".into(),
+        BTreeMap::from([(
+            "endpoint_overrides".to_string(),
+            serde_yaml::from_str(&format!(
+                "[{{node: {}, endpoint: \"{west1_endpoint}\"}}]",
+                west1.name
+            ))
+            .unwrap(),
+        )]),
+    );
 
     // 1. Bad inventories fail the preflight, clearly, and change nothing.
     let mut overlapping = opts.clone();
@@ -143,6 +158,17 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
     let inv = read_inventory(&inventory).unwrap();
     assert_eq!(inv.len(), 2);
     check_inventory_installed(&inv).await.unwrap();
+    let east = lab.client("east", Identity::Admin).await.unwrap();
+    let declared = Api::<sdn_tunnel_api::TunnelCluster>::all(east)
+        .get("west")
+        .await
+        .unwrap();
+    assert_eq!(
+        declared.spec.endpoint_override(&west1.name),
+        Some(west1_endpoint.as_str()),
+        "{:?}",
+        declared.spec
+    );
     for c in &lab.config().clusters {
         let admin = lab.client(c, Identity::Admin).await.unwrap();
         let dns = Api::<k8s_openapi::api::core::v1::Service>::namespaced(admin.clone(), NAMESPACE)
