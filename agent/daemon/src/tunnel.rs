@@ -1,7 +1,9 @@
 //! The running tunnel: the sans-IO [`Device`] between the TUN device and
-//! the UDP socket, driven by three threads (TUN → encrypt → UDP,
-//! UDP → decrypt → TUN, timers). The control plane talks to it through
-//! [`Tunnel::set_peers`] and reads [`Tunnel::stats`].
+//! the UDP socket, driven by the data path's batched [`Runtime`] (per
+//! worker a TUN → encrypt → UDP and a UDP → decrypt → TUN thread, plus a
+//! timer thread; `recvmmsg`/`sendmmsg`, UDP GSO/GRO, and the TUN offloads
+//! when the TUN was opened with them). The control plane talks to it
+//! through [`Tunnel::set_peers`] and reads [`Tunnel::stats`].
 //!
 //! The UDP socket may live in another network namespace than the TUN (the
 //! node's, so the endpoint is `nodeIP:port` without NAT): it is created on a
@@ -9,30 +11,24 @@
 //! to it afterwards.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use nix::sched::{setns, CloneFlags};
 use sdn_tunnel_datapath::device::{
     Device, DropCounters, Outcome, PeerChange, PeerConfig, PeerStats,
 };
 use sdn_tunnel_datapath::io::tun::Tun;
+use sdn_tunnel_datapath::io::udp::{UdpOptions, UdpSocket};
 use sdn_tunnel_datapath::keys::PublicKey;
-use tracing::{debug, info, trace, warn};
+use sdn_tunnel_datapath::runtime::{Runtime, RuntimeConfig, DEFAULT_SOCKET_BUFFER};
+use tracing::{debug, info};
 
-/// Largest datagram or packet handled (a 64 KiB IP packet plus overhead).
-const BUF_LEN: usize = 65_536 + 256;
-/// How often the stop flag is checked by threads blocked in I/O.
-const POLL: Duration = Duration::from_millis(250);
-/// boringtun's timers want a tick every 100-250 ms.
-const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Room for any handshake message.
+const HANDSHAKE_BUF: usize = 256;
 /// How often dead sessions of keepalive peers are re-armed (see
 /// [`needs_handshake_rearm`]).
 const REARM_EVERY: Duration = Duration::from_secs(5);
@@ -107,23 +103,15 @@ pub fn running(interface: &str) -> Option<TunnelView> {
 }
 
 /// Opens a UDP socket bound to `addr`, inside the network namespace at
-/// `netns` when given (e.g. `/proc/1/ns/net`, `/run/netns/<name>`).
+/// `netns` when given (e.g. `/proc/1/ns/net`, `/run/netns/<name>`), with
+/// UDP GSO/GRO where the kernel has them and large buffers. The runtime's
+/// workers share it.
 pub fn bind_udp(addr: SocketAddr, netns: Option<&Path>) -> io::Result<UdpSocket> {
-    let Some(path) = netns else {
-        return UdpSocket::bind(addr);
-    };
-    let ns = File::open(path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("network namespace {}: {e}", path.display()),
-        )
-    })?;
-    std::thread::spawn(move || {
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        UdpSocket::bind(addr)
-    })
-    .join()
-    .map_err(|_| io::Error::other("thread binding the UDP socket panicked"))?
+    let mut opts = UdpOptions::new(addr);
+    opts.netns = netns.map(Path::to_path_buf);
+    opts.recv_buffer = Some(DEFAULT_SOCKET_BUFFER);
+    opts.send_buffer = Some(DEFAULT_SOCKET_BUFFER);
+    UdpSocket::bind(&opts)
 }
 
 /// One peer as the control plane wants it, endpoint already resolved.
@@ -137,12 +125,7 @@ pub struct TunnelPeer {
 
 /// A running tunnel; dropping it stops the threads.
 pub struct Tunnel {
-    device: Arc<Mutex<Device>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    local_addr: SocketAddr,
-    udp: Arc<UdpSocket>,
-    tun: Arc<Tun>,
+    rt: Runtime,
 }
 
 fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
@@ -152,257 +135,136 @@ fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
 }
 
 impl Tunnel {
-    /// Starts the I/O threads over `tun` and `udp`.
+    /// Starts the data path over `tun` and `udp`.
     pub fn start(device: Device, tun: Tun, udp: UdpSocket) -> io::Result<Tunnel> {
-        udp.set_read_timeout(Some(POLL))?;
-        let local_addr = udp.local_addr()?;
-        let device = Arc::new(Mutex::new(device));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tun = Arc::new(tun);
-        let udp = Arc::new(udp);
-        let mut threads = Vec::new();
-
-        let (d, s, t, u) = (device.clone(), stop.clone(), tun.clone(), udp.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("tun-to-udp".into())
-                .spawn(move || tun_to_udp(&d, &s, &t, &u))?,
-        );
-        let (d, s, t, u) = (device.clone(), stop.clone(), tun.clone(), udp.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("udp-to-tun".into())
-                .spawn(move || udp_to_tun(&d, &s, &t, &u))?,
-        );
-        let (d, s, u) = (device.clone(), stop.clone(), udp.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("wg-timers".into())
-                .spawn(move || timers(&d, &s, &u))?,
-        );
-        info!(%local_addr, "tunnel running");
+        let name = tun.name().to_owned();
+        let rt = Runtime::start(
+            device,
+            tun,
+            vec![udp],
+            RuntimeConfig {
+                tick: Some(rearm_hook()),
+                ..RuntimeConfig::default()
+            },
+        )?;
+        let local_addr = rt.local_addr();
+        let (tun_offloads, udp_offloads) = rt.offloads();
+        info!(%local_addr, workers = rt.workers(), ?tun_offloads, ?udp_offloads, "tunnel running");
         {
             let mut reg = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
             reg.retain(|(_, d, _)| d.strong_count() > 0);
-            reg.push((tun.name().to_owned(), Arc::downgrade(&device), local_addr));
+            reg.push((name, Arc::downgrade(rt.device()), local_addr));
         }
-        Ok(Tunnel {
-            device,
-            stop,
-            threads,
-            local_addr,
-            udp,
-            tun,
-        })
+        Ok(Tunnel { rt })
     }
 
     /// Where the UDP socket listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.rt.local_addr()
     }
 
     /// Makes the device's peers exactly `peers`: adds and updates them
     /// (sessions of unchanged peers are kept), removes the others.
     /// Returns the keys that could not be configured, with the reason.
     pub fn set_peers(&self, peers: &[TunnelPeer]) -> Vec<(PublicKey, String)> {
-        let mut device = lock(&self.device);
-        let wanted: BTreeSet<PublicKey> = peers.iter().map(|p| p.public_key).collect();
-        let stale: Vec<PublicKey> = device
-            .peer_keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
-        for k in stale {
-            device.remove_peer(&k);
-            info!(peer = %k.to_base64(), "peer removed");
-        }
         let mut failed = Vec::new();
-        let mut out = vec![0u8; BUF_LEN];
-        for p in peers {
-            let mut cfg = PeerConfig::new(p.public_key);
-            cfg.endpoint = p.endpoint;
-            cfg.allowed_ips = p.allowed_ips.clone();
-            cfg.persistent_keepalive = p.persistent_keepalive;
-            match device.set_peer(cfg) {
-                Ok(change) => {
-                    debug!(peer = %p.public_key.to_base64(), ?change, "peer configured");
-                    // Like the kernel with a persistent keepalive: handshake
-                    // now, so the peer is up before traffic needs it.
-                    if change != PeerChange::Updated && p.persistent_keepalive.is_some() {
-                        if let Outcome::Network { to, datagram } =
-                            device.initiate_handshake(&p.public_key, &mut out)
-                        {
-                            send(&self.udp, to, datagram);
+        let mut handshakes = Vec::new();
+        {
+            let mut device = lock(self.rt.device());
+            let wanted: BTreeSet<PublicKey> = peers.iter().map(|p| p.public_key).collect();
+            let stale: Vec<PublicKey> = device
+                .peer_keys()
+                .filter(|k| !wanted.contains(k))
+                .copied()
+                .collect();
+            for k in stale {
+                device.remove_peer(&k);
+                info!(peer = %k.to_base64(), "peer removed");
+            }
+            let mut out = [0u8; HANDSHAKE_BUF];
+            for p in peers {
+                let mut cfg = PeerConfig::new(p.public_key);
+                cfg.endpoint = p.endpoint;
+                cfg.allowed_ips = p.allowed_ips.clone();
+                cfg.persistent_keepalive = p.persistent_keepalive;
+                match device.set_peer(cfg) {
+                    Ok(change) => {
+                        debug!(peer = %p.public_key.to_base64(), ?change, "peer configured");
+                        // Like the kernel with a persistent keepalive:
+                        // handshake now, so the peer is up before traffic
+                        // needs it.
+                        if change != PeerChange::Updated && p.persistent_keepalive.is_some() {
+                            if let Outcome::Network { to, datagram } =
+                                device.initiate_handshake(&p.public_key, &mut out)
+                            {
+                                handshakes.push((to, datagram.to_vec()));
+                            }
                         }
                     }
+                    Err(e) => failed.push((p.public_key, e.to_string())),
                 }
-                Err(e) => failed.push((p.public_key, e.to_string())),
             }
+        }
+        for (to, d) in handshakes {
+            self.rt.send(to, &d);
         }
         failed
     }
 
     /// Counters of every peer.
     pub fn stats(&self) -> Vec<PeerStats> {
-        lock(&self.device).stats()
+        self.rt.stats()
     }
 
     /// Device-wide drop counters.
     pub fn drops(&self) -> DropCounters {
-        lock(&self.device).drops()
+        self.rt.drops()
     }
 
     /// Read access for telemetry.
     pub fn view(&self) -> TunnelView {
         TunnelView {
-            device: self.device.clone(),
-            local_addr: self.local_addr,
+            device: Arc::clone(self.rt.device()),
+            local_addr: self.rt.local_addr(),
         }
     }
 
     /// Runs `f` on the device, locked (UAPI `set` in standalone mode).
     pub fn with_device_mut<R>(&self, f: impl FnOnce(&mut Device) -> R) -> R {
-        f(&mut lock(&self.device))
+        self.rt.with_device_mut(f)
     }
 
     /// Starts a handshake with `key` now (a keepalive just turned on).
     pub fn initiate_handshake(&self, key: &PublicKey) {
-        let mut out = vec![0u8; BUF_LEN];
-        if let Outcome::Network { to, datagram } =
-            lock(&self.device).initiate_handshake(key, &mut out)
-        {
-            send(&self.udp, to, datagram);
-        }
+        self.rt.initiate_handshake(key);
     }
 
     /// Stops the threads and hands back the device and the TUN, to start
     /// them again on another socket (UAPI `listen_port`). Telemetry views
     /// ([`running`]) are held for microseconds; one still held after a
     /// second makes this fail, and the tunnel stays stopped.
-    pub fn into_parts(mut self) -> io::Result<(Device, Tun)> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let mut device = self.device.clone();
-        let tun = self.tun.clone();
-        drop(self);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        let device = loop {
-            match Arc::try_unwrap(device) {
-                Ok(m) => break m.into_inner().unwrap_or_else(|e| e.into_inner()),
-                Err(d) if Instant::now() < deadline => {
-                    device = d;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return Err(io::Error::other("the device is still in use")),
-            }
-        };
-        let tun = Arc::try_unwrap(tun).map_err(|_| io::Error::other("the TUN is still in use"))?;
-        Ok((device, tun))
+    pub fn into_parts(self) -> io::Result<(Device, Tun)> {
+        self.rt.into_parts()
     }
 
-    /// The UDP socket (to set `SO_MARK` for UAPI `fwmark`).
+    /// The UDP socket (to set `SO_MARK` for UAPI `fwmark`); the only one:
+    /// the runtime's workers share it.
     pub fn udp_socket(&self) -> &UdpSocket {
-        &self.udp
+        self.rt.udp_socket()
     }
 }
 
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn send(udp: &UdpSocket, to: SocketAddr, datagram: &[u8]) {
-    if let Err(e) = udp.send_to(datagram, to) {
-        trace!(%to, error = %e, "UDP send failed");
-    }
-}
-
-fn tun_to_udp(device: &Mutex<Device>, stop: &AtomicBool, tun: &Tun, udp: &UdpSocket) {
-    let mut packet = vec![0u8; BUF_LEN];
-    let mut out = vec![0u8; BUF_LEN];
-    while !stop.load(Ordering::Relaxed) {
-        match tun.wait_readable(Some(POLL)) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn!(error = %e, "waiting on the TUN device");
-                std::thread::sleep(POLL);
-                continue;
-            }
-        }
-        loop {
-            let n = match tun.read(&mut packet) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    warn!(error = %e, "reading the TUN device");
-                    // Do not spin on a persistent error.
-                    std::thread::sleep(POLL);
-                    break;
-                }
-            };
-            let mut dev = lock(device);
-            match dev.encapsulate(&packet[..n], &mut out) {
-                Outcome::Network { to, datagram } => send(udp, to, datagram),
-                Outcome::Dropped(reason) => trace!(%reason, "outgoing packet dropped"),
-                Outcome::Done | Outcome::Tunnel { .. } => {}
-            }
-        }
-    }
-}
-
-fn udp_to_tun(device: &Mutex<Device>, stop: &AtomicBool, tun: &Tun, udp: &UdpSocket) {
-    let mut datagram = vec![0u8; BUF_LEN];
-    let mut out = vec![0u8; BUF_LEN];
-    while !stop.load(Ordering::Relaxed) {
-        let (n, src) = match udp.recv_from(&mut datagram) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                warn!(error = %e, "receiving on the UDP socket");
-                std::thread::sleep(POLL);
-                continue;
-            }
-        };
-        let mut dev = lock(device);
-        match dev.decapsulate(src, &datagram[..n], &mut out) {
-            Outcome::Tunnel { packet } => {
-                if let Err(e) = tun.write(packet) {
-                    trace!(error = %e, "TUN write failed");
-                }
-            }
-            Outcome::Network { to, datagram } => send(udp, to, datagram),
-            Outcome::Dropped(reason) => trace!(%src, %reason, "datagram dropped"),
-            Outcome::Done => {}
-        }
-        // Packets that waited for the handshake this datagram completed.
-        while let Outcome::Network { to, datagram } = dev.next_queued(&mut out) {
-            send(udp, to, datagram);
-        }
-    }
-}
-
-fn timers(device: &Mutex<Device>, stop: &AtomicBool, udp: &UdpSocket) {
-    let mut out = vec![0u8; BUF_LEN];
+/// Runs on the timer thread every tick: re-arms the handshake of keepalive
+/// peers without a live session (see [`needs_handshake_rearm`]) every
+/// [`REARM_EVERY`].
+fn rearm_hook() -> sdn_tunnel_datapath::runtime::TickHook {
     let mut last_rearm = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(TIMER_TICK);
-        let mut dev = lock(device);
-        dev.update_timers(&mut out, |to, datagram| send(udp, to, datagram));
-        if last_rearm.elapsed() >= REARM_EVERY {
+    let mut out = [0u8; HANDSHAKE_BUF];
+    Box::new(
+        move |dev: &mut Device, send: &mut dyn FnMut(SocketAddr, &[u8])| {
+            if last_rearm.elapsed() < REARM_EVERY {
+                return;
+            }
             last_rearm = Instant::now();
             let dead: Vec<PublicKey> = dev
                 .stats()
@@ -413,11 +275,11 @@ fn timers(device: &Mutex<Device>, stop: &AtomicBool, udp: &UdpSocket) {
             for key in dead {
                 if let Outcome::Network { to, datagram } = dev.initiate_handshake(&key, &mut out) {
                     debug!(peer = %key.to_base64(), "no live session: handshake re-armed");
-                    send(udp, to, datagram);
+                    send(to, datagram);
                 }
             }
-        }
-    }
+        },
+    )
 }
 
 #[cfg(test)]

@@ -368,6 +368,12 @@ impl Runtime {
         self.udp[0].local_addr()
     }
 
+    /// The first UDP socket (the one control traffic leaves on; the only
+    /// one when the workers share a socket).
+    pub fn udp_socket(&self) -> &UdpSocket {
+        &self.udp[0]
+    }
+
     /// The UDP sockets (to set `SO_MARK` and the like on each).
     pub fn udp_sockets(&self) -> impl Iterator<Item = &UdpSocket> + '_ {
         self.udp.iter().map(|s| &**s)
