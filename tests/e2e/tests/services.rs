@@ -452,6 +452,57 @@ async fn remote_cluster_ips_reach_ready_endpoints_only() {
     let (kind, _) = tcp_attempt(&c1, SocketAddr::new(web_addr.ip(), 8443));
     assert_eq!(kind, Some(ErrorKind::ConnectionRefused));
 
+    // ---- a UDP flow (one socket, one source port) bound to an endpoint
+    // that leaves moves to one that stays: its conntrack entry is deleted
+    let flow = lab
+        .add_service("west", NS, "flow", PORT, &[&w1, &w2])
+        .await
+        .unwrap();
+    let flow_addr = SocketAddr::new(cluster_ip(&flow), PORT);
+    wait_for("flow answers", Duration::from_secs(15), || {
+        ask(&c1, flow_addr, Proto::Udp).is_ok()
+    });
+    let sock = in_netns(&c1.netns, move || {
+        let s = UdpSocket::bind(("0.0.0.0", 0))?;
+        s.connect(flow_addr)?;
+        s.set_read_timeout(Some(T))?;
+        Ok(s)
+    })
+    .unwrap();
+    let talk = |s: &UdpSocket| -> String {
+        let mut buf = [0u8; 256];
+        match s.send(b"hello\n").and_then(|_| s.recv(&mut buf)) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
+            Err(e) => format!("error: {e}"),
+        }
+    };
+    let first = talk(&sock);
+    for _ in 0..5 {
+        assert_eq!(talk(&sock), first, "one flow, one endpoint");
+    }
+    let (stays, gone) = if first == "web-1" {
+        (&w2, &w1)
+    } else {
+        (&w1, &w2)
+    };
+    assert_eq!(first, gone.name);
+    let updated = Instant::now();
+    lab.add_service("west", NS, "flow", PORT, &[stays])
+        .await
+        .unwrap();
+    wait_for(
+        "the UDP flow leaves the removed endpoint",
+        Duration::from_secs(10),
+        || talk(&sock) == stays.name,
+    );
+    println!(
+        "FIGURE udp_flow_moved_off_removed_endpoint = {:.0} ms after the EndpointSlice update",
+        updated.elapsed().as_secs_f64() * 1000.0
+    );
+    for _ in 0..5 {
+        assert_eq!(talk(&sock), stays.name, "and stays there");
+    }
+
     // ---- bad input: an endpoint outside west's pod CIDRs (an east pod!)
     // is never a target, and odd Services break nothing.
     let mixed = lab
