@@ -482,19 +482,28 @@ fn cpu_secs(pid: i32) -> f64 {
         .ok()
         .flatten()
         .unwrap_or(100) as f64;
-    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    let Some((_, rest)) = s.rsplit_once(')') else {
-        return f64::NAN;
-    };
-    // Fields after the command: state is field 3; utime 14, stime 15.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stat_cpu_ticks(&s))
+        .map_or(f64::NAN, |t| t / tck)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in
+/// clock ticks. The command (field 2) may hold spaces and parentheses.
+fn stat_cpu_ticks(stat: &str) -> Option<f64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts with field 3 (the state).
     let f: Vec<&str> = rest.split_whitespace().collect();
     let get = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-    match (get(14), get(15)) {
-        (Some(u), Some(s)) => (u + s) / tck,
-        _ => f64::NAN,
-    }
+    Some(get(14)? + get(15)?)
+}
+
+/// sockperf's median latency (µs) from its `percentile 50.000 = x` line.
+fn sockperf_p50(out: &str) -> Option<f64> {
+    out.lines()
+        .find(|l| l.contains("percentile 50.000"))
+        .and_then(|l| l.rsplit('=').next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
 }
 
 fn rss_kb(pid: i32) -> f64 {
@@ -643,12 +652,7 @@ fn measure(ns: &[String; 2], target: &str, pids: &[i32], secs: u64) -> Result<Sa
     );
     match measured(&mut c, pids) {
         Ok((o, _, _, _)) => {
-            s.lat_p50 = o
-                .lines()
-                .find(|l| l.contains("percentile 50.000"))
-                .and_then(|l| l.rsplit('=').next())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(f64::NAN);
+            s.lat_p50 = sockperf_p50(&o).unwrap_or(f64::NAN);
         }
         Err(e) => eprintln!("  latency: {e:#}"),
     }
@@ -1029,4 +1033,35 @@ fn main() -> Result<()> {
     }
     println!("\nlogs of the tunnel processes: {}", log_dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_skips_missing_samples() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 5.0, 1.0]), 3.0);
+        assert!(median(&[f64::NAN]).is_nan());
+    }
+
+    #[test]
+    fn cpu_ticks_from_proc_stat() {
+        // A command with a space and a parenthesis; utime 250, stime 31.
+        let line =
+            "4242 (wg (go) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 31 0 0 20 0 9 0 100 0 0";
+        assert_eq!(stat_cpu_ticks(line), Some(281.0));
+        assert_eq!(stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn sockperf_median_line() {
+        let out = "sockperf: ====> avg-latency=30.120 (std-dev=3.2)\n\
+                   sockperf: ---> percentile 99.000 =   41.870\n\
+                   sockperf: ---> percentile 50.000 =   29.633\n";
+        assert_eq!(sockperf_p50(out), Some(29.633));
+        assert_eq!(sockperf_p50("no figures"), None);
+    }
 }
