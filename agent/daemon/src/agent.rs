@@ -313,7 +313,6 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
         let ok = reconcile(
             &watches,
             &local_peer,
-            &public,
             &cfg,
             &tunnel,
             &plumbing,
@@ -363,7 +362,6 @@ async fn publish_with_retry(
 async fn reconcile(
     watches: &Watches,
     local_peer: &TunnelPeerSpec,
-    public: &str,
     cfg: &AgentConfig,
     tunnel: &Tunnel,
     plumbing: &Plumbing,
@@ -376,7 +374,7 @@ async fn reconcile(
         .iter()
         .map(|(c, p)| SourcedPeer { source: c, peer: p })
         .collect();
-    let mesh = match validate_mesh(&clusters, &sourced, public) {
+    let mesh = match validate_mesh(&clusters, &sourced, &local_peer.public_key) {
         Ok(m) => m,
         Err(e) => {
             // Nothing usable to decide from: keep the data path as it is.
