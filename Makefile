@@ -41,3 +41,10 @@ test: deps lint unit-and-e2e
 .PHONY: bench
 bench:
 	bash bench/run.sh $(ARGS)
+
+# The service proxy and DNS benchmark (not part of `make test`; needs root:
+# it creates network namespaces). ARGS="--sizes 10,1000" for a shorter run.
+.PHONY: bench-services
+bench-services:
+	cargo build --release -p sdn-tunnel-bench --bin sdn-bench-services
+	./target/release/sdn-bench-services $(ARGS)
