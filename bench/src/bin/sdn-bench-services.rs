@@ -221,7 +221,12 @@ fn connects(ns: &str, to: SocketAddr, count: usize) -> Result<(Vec<Duration>, us
                     lat.push(t.elapsed());
                     drop(s);
                 }
-                Err(_) => failed += 1,
+                Err(e) => {
+                    if failed == 0 {
+                        eprintln!("  first failed connect to {to}: {e}");
+                    }
+                    failed += 1
+                }
             }
         }
         Ok((lat, failed))
