@@ -792,7 +792,7 @@ pub fn teardown(cfg: &LabConfig) -> Result<TeardownReport> {
         }
     }
     let host = cfg.host_link();
-    if Path::new("/sys/class/net").join(&host).exists() {
+    if sys::link_exists(&host) {
         if let Err(e) = sys::ip(&["link", "del", &host]) {
             report.leftovers.push(format!("link {host}: {e}"));
         }

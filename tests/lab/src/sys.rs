@@ -157,14 +157,14 @@ impl ProcRecord {
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while self.alive() && Instant::now() < deadline {
-            reap();
+            reap(self.pid);
             std::thread::sleep(Duration::from_millis(20));
         }
         if self.alive() {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.alive() && Instant::now() < deadline {
-                reap();
+                reap(self.pid);
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -184,15 +184,21 @@ impl ProcRecord {
     }
 }
 
-/// Reaps our exited children so they do not linger as zombies (which would
-/// still count as "alive" by PID and start time).
-pub fn reap() {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
-    }
+/// Reaps `pid` if it is an exited child of ours, so that it does not
+/// linger as a zombie (which would still count as "alive" by PID and start
+/// time). Only that PID: reaping any child (`waitpid(-1)`) would steal the
+/// exit status of commands other threads are running (`ECHILD` there).
+pub fn reap(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    // Not our child (started by an earlier `lab up`): nothing to reap.
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+/// Whether a network interface exists in this process's namespace. Asks
+/// the kernel (`ip link show`): `/sys/class/net` shows the namespace that
+/// mounted sysfs, which need not be ours.
+pub fn link_exists(name: &str) -> bool {
+    run("ip", &["-o", "link", "show", "dev", name]).is_ok()
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of `stat`);

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -42,10 +41,7 @@ fn assert_nothing_left(cfg: &LabConfig, procs: &[sys::ProcRecord]) {
         .filter(|n| n.starts_with(&prefix))
         .collect();
     assert!(ns.is_empty(), "namespaces left behind: {ns:?}");
-    assert!(
-        !Path::new("/sys/class/net").join(cfg.host_link()).exists(),
-        "host link left behind"
-    );
+    assert!(!sys::link_exists(&cfg.host_link()), "host link left behind");
     let routes = sys::ip(&["route", "show"]).unwrap();
     assert!(
         !routes.contains(&cfg.underlay().to_string()),
