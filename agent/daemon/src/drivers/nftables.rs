@@ -132,7 +132,9 @@ pub fn pod_table(rules: &PodRules) -> Vec<Value> {
     ]
 }
 
-fn set_elements(cidrs: &[IpNet], v4: bool) -> Vec<Value> {
+/// The elements of an interval set of one family holding `cidrs` (the
+/// other family filtered out, overlaps merged).
+pub(crate) fn set_elements(cidrs: &[IpNet], v4: bool) -> Vec<Value> {
     let of_family: Vec<IpNet> = cidrs
         .iter()
         .filter(|c| matches!(c, IpNet::V4(_)) == v4)

@@ -247,18 +247,6 @@ impl Rendered {
 /// Rules outside the pick chains (see [`base_objects`]).
 const BASE_RULES: usize = 4 + 8 + 2;
 
-fn cidr_elements(cidrs: &[IpNet], is_v4: bool) -> Vec<Value> {
-    let of_family: Vec<IpNet> = cidrs
-        .iter()
-        .filter(|c| matches!(c, IpNet::V4(_)) == is_v4)
-        .map(IpNet::trunc)
-        .collect();
-    IpNet::aggregate(&of_family)
-        .into_iter()
-        .map(|c| json!({"prefix": {"addr": c.addr().to_string(), "len": c.prefix_len()}}))
-        .collect()
-}
-
 fn obj_ref(kind: &str, name: &str) -> Value {
     json!({ kind: {"family": FAMILY, "table": PROXY_TABLE, "name": name} })
 }
@@ -409,7 +397,7 @@ pub fn table_objects(r: &Rendered) -> Vec<Value> {
         if !noep.is_empty() {
             objs.push(element(&no_endpoints_set(is_v4), noep));
         }
-        let cidrs = cidr_elements(&r.cidrs, is_v4);
+        let cidrs = super::nftables::set_elements(&r.cidrs, is_v4);
         if !cidrs.is_empty() {
             objs.push(element(&cidrs_set(is_v4), cidrs));
         }
@@ -486,7 +474,7 @@ pub fn incremental_commands(old: &Rendered, new: &mut Rendered) -> Vec<Value> {
     if old.cidrs != new.cidrs {
         for is_v4 in [true, false] {
             cmds.push(json!({"flush": obj_ref("set", &cidrs_set(is_v4))}));
-            let elems = cidr_elements(&new.cidrs, is_v4);
+            let elems = super::nftables::set_elements(&new.cidrs, is_v4);
             if !elems.is_empty() {
                 cmds.push(json!({"add": element(&cidrs_set(is_v4), elems)}));
             }
