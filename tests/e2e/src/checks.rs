@@ -86,13 +86,10 @@ pub async fn check_installed(admin: &Client, here: &str, mesh: &[Declared]) -> R
             .get(name)
             .await
             .with_context(|| format!("{here}: CRD {name}"))?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        ensure!(established, "{here}: CRD {name} is not Established");
+        ensure!(
+            sdn_tunnel_lab::controlplane::crd_established(&crd),
+            "{here}: CRD {name} is not Established"
+        );
     }
     Api::<Namespace>::all(admin.clone())
         .get(NAMESPACE)

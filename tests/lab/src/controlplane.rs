@@ -460,18 +460,22 @@ fn endpointslice_v1_shim() -> Result<CustomResourceDefinition> {
     Ok(serde_json::from_value(crd)?)
 }
 
+/// Whether a CRD has the condition `Established=True`, i.e. is served.
+pub fn crd_established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
+}
+
 /// Waits (up to 30 s) until the CRD `name` is Established, i.e. served.
 pub async fn wait_crd_established(crds: &Api<CustomResourceDefinition>, name: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let crd = crds.get(name).await?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
+        if crd_established(&crds.get(name).await?) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
