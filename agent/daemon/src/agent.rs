@@ -27,6 +27,7 @@ use crate::drivers::netlink::{Route, RouteDriver, RouteEvents};
 use crate::drivers::netns::{set_rp_filter_loose, write_sysctl};
 use crate::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
 use crate::drivers::proxy::ProxyDriver;
+use crate::static_peers;
 use crate::tunnel::{bind_udp, Tunnel, TunnelPeer};
 
 /// WireGuard's outer headers: IPv4 20 + UDP 8 + WireGuard 32 = 60 bytes
@@ -222,8 +223,66 @@ async fn resolve_peers(desired: &[DesiredPeer]) -> Vec<TunnelPeer> {
     out
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
+/// Creates the TUN device and the UDP socket (in the node's namespace when
+/// configured) and starts the data path over them.
+fn start_tunnel(cfg: &AgentConfig, key: PrivateKey) -> Result<Arc<Tunnel>> {
+    let mtu = tunnel_mtu(cfg.mtu);
+    let tun = Tun::create(&TunOptions {
+        name: cfg.interface.clone(),
+        mtu: Some(mtu),
+        multi_queue: false,
+        up: true,
+        // Virtio-net headers with TSO/USO: the runtime splits super-packets
+        // before encryption and coalesces decrypted TCP segments (GRO), and
+        // falls back to plain packets where the kernel refuses the offloads.
+        offload: true,
+    })
+    .with_context(|| format!("creating TUN device {}", cfg.interface))?;
+    let bind = SocketAddr::new(
+        if cfg.pod_ip.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        },
+        cfg.listen_port,
+    );
+    let udp =
+        bind_udp(bind, cfg.node_netns.as_deref()).with_context(|| format!("binding UDP {bind}"))?;
+    let tunnel = Arc::new(Tunnel::start(
+        Device::new(DeviceConfig::new(key)),
+        tun,
+        udp,
+    )?);
+    info!(interface = %cfg.interface, mtu, listen = %tunnel.local_addr(), "data path up");
+    Ok(tunnel)
+}
+
+/// Opens the plumbing and starts the route-event watchers that trigger a
+/// forced apply when one of our routes disappears.
+async fn open_plumbing(cfg: &AgentConfig) -> Result<(Plumbing, Arc<tokio::sync::Notify>)> {
+    let plumbing = Plumbing::open(cfg)
+        .await
+        .context("opening netlink and nftables")?;
+    let repair = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(watch_routes(None, repair.clone()));
+    if let Some(ns) = &cfg.node_netns {
+        tokio::spawn(watch_routes(Some(ns.clone()), repair.clone()));
+    }
+    Ok((plumbing, repair))
+}
+
+/// Runs the agent until SIGTERM/SIGINT: with `--static-peers`, from that
+/// file; otherwise from the TunnelPeer CRDs.
 pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Result<()> {
+    if let Some(path) = cfg.static_peers.clone() {
+        return run_static(cfg, &path, readiness).await;
+    }
+    if cfg.node_name.is_empty() {
+        anyhow::bail!(
+            "the node name is required (--node-name or NODE_NAME, from the downward API), \
+             unless the peers come from --static-peers"
+        );
+    }
     let (key, created) = PrivateKey::load_or_generate(&cfg.key_file)
         .with_context(|| format!("private key {}", cfg.key_file.display()))?;
     let public = key.public_key().to_base64();
@@ -256,46 +315,11 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
     readiness.send_modify(|r| r.published = true);
     info!(%cluster, node = %cfg.node_name, endpoint = ?local_peer.endpoints, "TunnelPeer published");
 
-    let mtu = tunnel_mtu(cfg.mtu);
-    let tun = Tun::create(&TunOptions {
-        name: cfg.interface.clone(),
-        mtu: Some(mtu),
-        multi_queue: false,
-        up: true,
-        // Virtio-net headers with TSO/USO: the runtime splits super-packets
-        // before encryption and coalesces decrypted TCP segments (GRO), and
-        // falls back to plain packets where the kernel refuses the offloads.
-        offload: true,
-    })
-    .with_context(|| format!("creating TUN device {}", cfg.interface))?;
-    let bind = SocketAddr::new(
-        if cfg.pod_ip.is_ipv6() {
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        },
-        cfg.listen_port,
-    );
-    let udp =
-        bind_udp(bind, cfg.node_netns.as_deref()).with_context(|| format!("binding UDP {bind}"))?;
-    let tunnel = Arc::new(Tunnel::start(
-        Device::new(DeviceConfig::new(key)),
-        tun,
-        udp,
-    )?);
+    let tunnel = start_tunnel(&cfg, key)?;
     readiness.send_modify(|r| r.tunnel_up = true);
-    info!(interface = %cfg.interface, mtu, listen = %tunnel.local_addr(), "data path up");
-
-    let plumbing = Plumbing::open(&cfg)
-        .await
-        .context("opening netlink and nftables")?;
     // Route events force a full apply (drift repair); watch events only
     // apply what changed.
-    let repair = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(watch_routes(None, repair.clone()));
-    if let Some(ns) = &cfg.node_netns {
-        tokio::spawn(watch_routes(Some(ns.clone()), repair.clone()));
-    }
+    let (plumbing, repair) = open_plumbing(&cfg).await?;
 
     let decided = Arc::new(Mutex::new(Decided::default()));
     let status_task = tokio::spawn(status_loop(
@@ -336,6 +360,79 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
     }
     info!("shutting down: removing our routes and nftables tables");
     status_task.abort();
+    plumbing.remove().await;
+    Ok(())
+}
+
+/// The agent with its peers from a file (`--static-peers`): the same data
+/// path, routes and nftables as with the CRDs, no Kubernetes API. SIGHUP
+/// re-reads the file; a file that fails its checks is logged and ignored,
+/// and the peers and routes in place stay as they are.
+async fn run_static(
+    cfg: AgentConfig,
+    path: &std::path::Path,
+    readiness: watch::Sender<Readiness>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (key, created) = PrivateKey::load_or_generate(&cfg.key_file)
+        .with_context(|| format!("private key {}", cfg.key_file.display()))?;
+    let own = key.public_key();
+    info!(public_key = %own.to_base64(), created, "WireGuard key ready");
+    // Checked before anything is created: a bad file changes nothing.
+    let mut peers = static_peers::load(path, &own, cfg.keepalive())
+        .with_context(|| format!("static peers {}", path.display()))?;
+    info!(file = %path.display(), peers = peers.len(), "static peers loaded");
+    readiness.send_modify(|r| {
+        r.local_synced = true;
+        r.published = true;
+    });
+
+    let tunnel = start_tunnel(&cfg, key)?;
+    readiness.send_modify(|r| r.tunnel_up = true);
+    let (plumbing, repair) = open_plumbing(&cfg).await?;
+
+    let mut resync = tokio::time::interval(cfg.resync_interval);
+    let mut force = true;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        let failed = tunnel.set_peers(&peers);
+        for (k, why) in &failed {
+            warn!(peer = %k.to_base64(), %why, "peer not configured");
+        }
+        let routed = match plumbing
+            .apply(&static_peers::destinations(&peers), force)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "applying routes and nftables failed; retrying at the next resync");
+                false
+            }
+        };
+        readiness.send_modify(|r| r.last_apply_ok = failed.is_empty() && routed);
+        tokio::select! {
+            _ = sighup.recv() => {
+                match static_peers::load(path, &own, cfg.keepalive()) {
+                    Ok(p) => {
+                        info!(file = %path.display(), peers = p.len(), "static peers reloaded");
+                        peers = p;
+                    }
+                    Err(e) => warn!(
+                        file = %path.display(),
+                        error = %e,
+                        "static peers not reloaded; the peers and routes in place are kept"
+                    ),
+                }
+                force = false;
+            }
+            _ = repair.notified() => force = true,
+            _ = resync.tick() => force = true,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("shutting down: removing our routes and nftables tables");
     plumbing.remove().await;
     Ok(())
 }

@@ -12,8 +12,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentConfig {
-    /// Name of this node's Node object.
-    #[arg(long, env = "NODE_NAME")]
+    /// Name of this node's Node object (required unless `--static-peers`).
+    #[arg(long, env = "NODE_NAME", default_value_t = String::new(), hide_default_value = true)]
     pub node_name: String,
 
     /// IP of the agent pod: the next hop of the node's routes into the tunnel.
@@ -70,6 +70,12 @@ pub struct AgentConfig {
     /// How often the agent writes its TunnelPeer status.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub status_interval: Duration,
+
+    /// Take the peers from this file (`[Peer]` sections in `wg setconf`
+    /// format) instead of the TunnelPeer CRDs: no Kubernetes API is used.
+    /// Re-read on SIGHUP; a bad file is refused whole (see `static_peers`).
+    #[arg(long, env = "SDN_TUNNEL_STATIC_PEERS")]
+    pub static_peers: Option<PathBuf>,
 
     /// How often the whole desired state is re-applied (repairs drift).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]

@@ -10,5 +10,6 @@ pub mod drivers;
 pub mod health;
 pub mod metrics;
 pub mod standalone;
+pub mod static_peers;
 pub mod tunnel;
 pub mod uapi;

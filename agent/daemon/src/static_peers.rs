@@ -1,0 +1,269 @@
+//! Static peers: `tunnel-agent run --static-peers <file>` takes its peers
+//! from a file instead of the TunnelPeer CRDs, for clusters that are not
+//! (yet) meshed through the API, or for a mesh managed by other tooling.
+//!
+//! The file holds the `[Peer]` sections of a `wg setconf` file (what `wg
+//! showconf` prints, without `[Interface]`: the key comes from
+//! `--key-file`, the port from `--listen-port`):
+//!
+//! ```text
+//! [Peer]
+//! PublicKey = <base64>
+//! Endpoint = 192.0.2.10:51820
+//! AllowedIPs = 10.245.0.0/24, 10.97.0.0/16
+//! PersistentKeepalive = 25   # optional; the agent's default otherwise
+//! ```
+//!
+//! Every peer's AllowedIPs are also routed into the tunnel (from the pod and,
+//! with a node namespace, from the node), so the file is checked as a
+//! routing table: no default route, no prefix of one peer overlapping
+//! another's, no peer twice, not our own key. A bad file is refused as a
+//! whole: at start the agent exits, on reload (SIGHUP) it keeps what it has.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use sdn_tunnel_datapath::keys::PublicKey;
+
+use crate::standalone::{setconf_to_uapi, ConfError};
+use crate::tunnel::TunnelPeer;
+use crate::uapi::{self, PeerOp};
+
+/// Why a static peer file was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StaticPeersError {
+    #[error("cannot read {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("{0}")]
+    Syntax(#[from] ConfError),
+    #[error("[Interface] settings are not taken here ({0}): the key comes from --key-file, the port from --listen-port")]
+    InterfaceSetting(&'static str),
+    #[error("{0}")]
+    Uapi(String),
+    #[error("peer {peer}: PresharedKey is not supported by the agent")]
+    PresharedKey { peer: String },
+    #[error("peer {peer} appears twice")]
+    Duplicate { peer: String },
+    #[error("peer {peer} is this agent's own key")]
+    OwnKey { peer: String },
+    #[error("peer {peer}: AllowedIPs {net} would route everything into the tunnel; list the remote pod and service CIDRs")]
+    DefaultRoute { peer: String, net: IpNet },
+    #[error("peer {peer}: AllowedIPs {net} overlaps {other} of peer {other_peer}")]
+    Overlap {
+        peer: String,
+        net: IpNet,
+        other: IpNet,
+        other_peer: String,
+    },
+}
+
+/// Reads and checks a static peer file. `own` is this agent's public key,
+/// `keepalive` the agent's default for peers that do not set one.
+pub fn load(
+    path: &Path,
+    own: &PublicKey,
+    keepalive: Option<u16>,
+) -> Result<Vec<TunnelPeer>, StaticPeersError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StaticPeersError::Read {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    parse(&text, own, keepalive)
+}
+
+/// Parses and checks the text of a static peer file (see [`load`]).
+pub fn parse(
+    text: &str,
+    own: &PublicKey,
+    keepalive: Option<u16>,
+) -> Result<Vec<TunnelPeer>, StaticPeersError> {
+    let lines = setconf_to_uapi(text)?;
+    let req = uapi::parse_set(&lines).map_err(|e| StaticPeersError::Uapi(e.to_string()))?;
+    if req.private_key.is_some() {
+        return Err(StaticPeersError::InterfaceSetting("PrivateKey"));
+    }
+    if req.listen_port.is_some() {
+        return Err(StaticPeersError::InterfaceSetting("ListenPort"));
+    }
+    if req.fwmark.is_some() {
+        return Err(StaticPeersError::InterfaceSetting("FwMark"));
+    }
+    let mut peers: Vec<TunnelPeer> = Vec::with_capacity(req.peers.len());
+    for block in req.peers {
+        let name = block.public_key.to_base64();
+        if block.public_key == *own {
+            return Err(StaticPeersError::OwnKey { peer: name });
+        }
+        if peers.iter().any(|p| p.public_key == block.public_key) {
+            return Err(StaticPeersError::Duplicate { peer: name });
+        }
+        let mut endpoint: Option<SocketAddr> = None;
+        let mut peer_keepalive = keepalive;
+        let mut allowed_ips: Vec<IpNet> = Vec::new();
+        for op in block.ops {
+            match op {
+                PeerOp::Endpoint(e) => endpoint = Some(e),
+                PeerOp::PersistentKeepalive(s) => peer_keepalive = (s > 0).then_some(s),
+                PeerOp::AllowedIp { net, remove: false } => {
+                    // `wg` accepts host bits and clears them; so do we.
+                    let net = net.trunc();
+                    if net.prefix_len() == 0 {
+                        return Err(StaticPeersError::DefaultRoute { peer: name, net });
+                    }
+                    if !allowed_ips.contains(&net) {
+                        allowed_ips.push(net);
+                    }
+                }
+                PeerOp::PresharedKey(Some(_)) => {
+                    return Err(StaticPeersError::PresharedKey { peer: name })
+                }
+                // What `setconf_to_uapi` emits besides: replace markers
+                // and an all-zero key.
+                PeerOp::ReplaceAllowedIps
+                | PeerOp::PresharedKey(None)
+                | PeerOp::ProtocolVersion
+                | PeerOp::UpdateOnly
+                | PeerOp::Remove
+                | PeerOp::AllowedIp { remove: true, .. } => {}
+            }
+        }
+        for net in &allowed_ips {
+            for other in &peers {
+                if let Some(o) = other
+                    .allowed_ips
+                    .iter()
+                    .find(|o| o.contains(net) || net.contains(*o))
+                {
+                    return Err(StaticPeersError::Overlap {
+                        peer: name,
+                        net: *net,
+                        other: *o,
+                        other_peer: other.public_key.to_base64(),
+                    });
+                }
+            }
+        }
+        allowed_ips.sort();
+        peers.push(TunnelPeer {
+            public_key: block.public_key,
+            endpoint,
+            allowed_ips,
+            persistent_keepalive: peer_keepalive,
+        });
+    }
+    Ok(peers)
+}
+
+/// The destinations routed into the tunnel for `peers`, sorted.
+pub fn destinations(peers: &[TunnelPeer]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdn_tunnel_datapath::keys::PrivateKey;
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    fn peer(k: &PublicKey, rest: &str) -> String {
+        format!("[Peer]\nPublicKey = {}\n{rest}\n", k.to_base64())
+    }
+
+    #[test]
+    fn a_file_of_peers_becomes_tunnel_peers_and_routes() {
+        let (own, a, b) = (key(), key(), key());
+        let text = format!(
+            "# two remote clusters\n{}{}",
+            peer(
+                &a,
+                "Endpoint = 192.0.2.1:51820\nAllowedIPs = 10.245.0.7/24, 10.97.0.0/16\n"
+            ),
+            peer(
+                &b,
+                "Endpoint = 192.0.2.2:51821\nAllowedIPs = 10.246.0.0/24\nPersistentKeepalive = 0"
+            ),
+        );
+        let peers = parse(&text, &own, Some(25)).expect("valid");
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].public_key, a);
+        assert_eq!(peers[0].endpoint, Some("192.0.2.1:51820".parse().unwrap()));
+        assert_eq!(
+            peers[0].allowed_ips,
+            vec![
+                "10.97.0.0/16".parse::<IpNet>().unwrap(),
+                "10.245.0.0/24".parse().unwrap()
+            ]
+        );
+        assert_eq!(peers[0].persistent_keepalive, Some(25), "agent default");
+        assert_eq!(peers[1].persistent_keepalive, None, "0 turns it off");
+        assert_eq!(
+            destinations(&peers),
+            vec![
+                "10.97.0.0/16".parse::<IpNet>().unwrap(),
+                "10.245.0.0/24".parse().unwrap(),
+                "10.246.0.0/24".parse().unwrap()
+            ]
+        );
+        assert_eq!(parse("# nobody yet\n", &own, None), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn routing_mistakes_and_interface_settings_are_refused() {
+        let (own, a, b) = (key(), key(), key());
+        let cases: Vec<(String, &str)> = vec![
+            (peer(&a, "AllowedIPs = 0.0.0.0/0"), "would route everything"),
+            (peer(&a, "AllowedIPs = ::/0"), "would route everything"),
+            (
+                format!(
+                    "{}{}",
+                    peer(&a, "AllowedIPs = 10.245.0.0/16"),
+                    peer(&b, "AllowedIPs = 10.245.3.0/24")
+                ),
+                "overlaps 10.245.0.0/16",
+            ),
+            (format!("{}{}", peer(&a, ""), peer(&a, "")), "appears twice"),
+            (peer(&own, "AllowedIPs = 10.1.0.0/24"), "own key"),
+            (
+                format!(
+                    "[Interface]\nPrivateKey = {}\n",
+                    PrivateKey::generate().to_base64().as_str()
+                ),
+                "--key-file",
+            ),
+            ("[Interface]\nListenPort = 51820\n".into(), "--listen-port"),
+            (
+                peer(
+                    &a,
+                    &format!(
+                        "PresharedKey = {}",
+                        PrivateKey::generate().to_base64().as_str()
+                    ),
+                ),
+                "PresharedKey",
+            ),
+            (peer(&a, "AllowedIPs = 10.0.0.0/33"), "AllowedIPs"),
+            ("[Peer]\nPublicKey = nonsense\n".into(), "PublicKey"),
+            ("[Peer]\nEndpoint = 192.0.2.1:1\n".into(), "no PublicKey"),
+        ];
+        for (text, why) in cases {
+            let err = parse(&text, &own, Some(25)).expect_err(&text).to_string();
+            assert!(err.contains(why), "{text:?}: {err:?} should say {why:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_names_its_path() {
+        let err = load(Path::new("/nonexistent/peers.conf"), &key(), None).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/peers.conf"), "{err}");
+    }
+}
