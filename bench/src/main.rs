@@ -98,6 +98,13 @@ struct Sample {
     tcp1: f64,
     tcp4: f64,
     udp_loss: f64,
+    /// Of the UDP test's datagrams, % dropped at the receiving
+    /// application's socket (its buffer full: iperf3 did not read in time).
+    udp_drop_app: f64,
+    /// % dropped inside the tunnel: its UDP socket's buffer, its TUN queues.
+    udp_drop_tunnel: f64,
+    /// The TUN queues' part of `udp_drop_tunnel`.
+    udp_drop_tun: f64,
     udp_gbps: f64,
     lat_p50: f64,
     gbps_per_core: f64,
@@ -111,6 +118,9 @@ impl Default for Sample {
             tcp1: f64::NAN,
             tcp4: f64::NAN,
             udp_loss: f64::NAN,
+            udp_drop_app: f64::NAN,
+            udp_drop_tunnel: f64::NAN,
+            udp_drop_tun: f64::NAN,
             udp_gbps: f64::NAN,
             lat_p50: f64::NAN,
             gbps_per_core: f64::NAN,
@@ -565,7 +575,88 @@ fn iperf_json(stdout: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-fn measure(ns: &[String; 2], target: &str, pids: &[i32], secs: u64) -> Result<Sample> {
+/// Receive-buffer drops of every UDP socket in `ns` (IPv4 and IPv6 MIBs).
+fn rcvbuf_errors(ns: &str) -> Result<u64> {
+    let mut total = 0;
+    for (file, key) in [
+        ("/proc/net/snmp", "RcvbufErrors"),
+        ("/proc/net/snmp6", "Udp6RcvbufErrors"),
+    ] {
+        let text = sh(&["ip", "netns", "exec", ns, "cat", file])?;
+        if file.ends_with("snmp6") {
+            total += text
+                .lines()
+                .filter_map(|l| l.split_once(char::is_whitespace))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        } else {
+            // "Udp: InDatagrams ... RcvbufErrors ..." then "Udp: <values>".
+            let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+            if let [names, values, ..] = rows.as_slice() {
+                if let Some(i) = names.split_whitespace().position(|n| n == key) {
+                    total += values
+                        .split_whitespace()
+                        .nth(i)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Drops counted on the UDP sockets bound to `port` in `ns` (the last
+/// column of /proc/net/udp{,6}): the tunnel's own receive socket(s).
+fn socket_drops(ns: &str, port: u16) -> Result<u64> {
+    let want = format!(":{port:04X}");
+    let mut total = 0;
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = sh(&["ip", "netns", "exec", ns, "cat", file])?;
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(1).is_some_and(|local| local.ends_with(&want)) {
+                total += cols.last().and_then(|d| d.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Packets a TUN device dropped (its queue towards the tunnel process full,
+/// or refused on write), from `ip -s -j link`.
+fn link_drops(ns: &str, iface: &str) -> Result<u64> {
+    let out = sh(&["ip", "-n", ns, "-s", "-j", "link", "show", "dev", iface])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
+    let st = &v[0]["stats64"];
+    Ok(["rx", "tx"]
+        .iter()
+        .filter_map(|d| st[*d]["dropped"].as_u64())
+        .sum())
+}
+
+/// The receiving side's drop counters: (every UDP socket's buffer drops,
+/// the tunnel's sockets' drops, both TUN devices' drops).
+fn drop_counters(ns: &[String; 2], ifaces: &[String]) -> Result<(u64, u64, u64)> {
+    let all = rcvbuf_errors(&ns[1])?;
+    let (mut tunnel_socket, mut tun) = (0, 0);
+    if ifaces.len() == 2 {
+        tunnel_socket = socket_drops(&ns[1], WG_PORT)?;
+        for (n, i) in ns.iter().zip(ifaces) {
+            tun += link_drops(n, i)?;
+        }
+    }
+    Ok((all, tunnel_socket, tun))
+}
+
+fn measure(
+    ns: &[String; 2],
+    target: &str,
+    pids: &[i32],
+    ifaces: &[String],
+    secs: u64,
+) -> Result<Sample> {
     let mut s = Sample::default();
     let t = secs.to_string();
     let port = IPERF_PORT.to_string();
@@ -617,12 +708,28 @@ fn measure(ns: &[String; 2], target: &str, pids: &[i32], secs: u64) -> Result<Sa
             "iperf3", "-c", target, "-p", &port, "-t", &t, "-u", "-b", "1G", "-l", "1372", "-J",
         ],
     );
+    let drops_before = drop_counters(ns, ifaces);
     match measured(&mut c, pids).and_then(|(o, _, _, rss)| Ok((iperf_json(&o)?, rss))) {
         Ok((v, rss)) => {
             let sum = &v["end"]["sum"];
             s.udp_loss = sum["lost_percent"].as_f64().unwrap_or(f64::NAN);
             let lost = sum["lost_packets"].as_f64().unwrap_or(f64::NAN);
             let packets = sum["packets"].as_f64().unwrap_or(f64::NAN);
+            // Where the lost datagrams went (the tunnel's socket shares the
+            // receiving namespace with iperf3's, so its drops are taken out
+            // of the namespace's total).
+            if let (Ok((all0, sock0, tun0)), Ok((all1, sock1, tun1))) =
+                (&drops_before, drop_counters(ns, ifaces))
+            {
+                let tunnel_socket = sock1.saturating_sub(*sock0);
+                let app = all1.saturating_sub(*all0).saturating_sub(tunnel_socket);
+                let tun = tun1.saturating_sub(*tun0);
+                if packets > 0.0 {
+                    s.udp_drop_app = app as f64 * 100.0 / packets;
+                    s.udp_drop_tunnel = (tunnel_socket + tun) as f64 * 100.0 / packets;
+                    s.udp_drop_tun = tun as f64 * 100.0 / packets;
+                }
+            }
             let bps = sum["bits_per_second"].as_f64().unwrap_or(f64::NAN);
             s.udp_gbps = if packets > 0.0 {
                 bps * (packets - lost) / packets / 1e9
@@ -666,9 +773,9 @@ fn round_one(imp: &Impl, idx: usize, secs: u64, keydir: &Path, log_dir: &Path) -
     let env = Env::new(idx as u32)?;
     let result = (|| {
         let tunnels = start_tunnels(imp, idx, &env, keydir, log_dir)?;
-        let (target, pids) = match &tunnels {
-            Some(t) => (OVERLAY[1], t.pids()),
-            None => (UNDERLAY[1], Vec::new()),
+        let (target, pids, ifaces) = match &tunnels {
+            Some(t) => (OVERLAY[1], t.pids(), t.ifaces.to_vec()),
+            None => (UNDERLAY[1], Vec::new(), Vec::new()),
         };
         let port = IPERF_PORT.to_string();
         let server = spawn(netns_cmd(&env.ns[1], &["iperf3", "-s", "-p", &port]), None)?;
@@ -693,7 +800,7 @@ fn round_one(imp: &Impl, idx: usize, secs: u64, keydir: &Path, log_dir: &Path) -
             .is_ok_and(|o| !o.trim().is_empty())
         });
         std::thread::sleep(Duration::from_millis(300));
-        let s = iperf_up.and_then(|_| measure(&env.ns, target, &pids, secs));
+        let s = iperf_up.and_then(|_| measure(&env.ns, target, &pids, &ifaces, secs));
         stop_child(server);
         stop_child(sock);
         if let Some(t) = tunnels {
@@ -946,10 +1053,13 @@ fn main() -> Result<()> {
             match round_one(imp, idx, args.secs, &keydir, &log_dir) {
                 Ok(s) => {
                     println!(
-                        "tcp1 {} Gbit/s, tcp4 {}, udp loss {} %, p50 {} µs, {} Gbit/s/core, rss {} MB",
+                        "tcp1 {} Gbit/s, tcp4 {}, udp loss {} % (at the app's socket {}, in the tunnel {} of which TUN {}), p50 {} µs, {} Gbit/s/core, rss {} MB",
                         fmt(s.tcp1, 2),
                         fmt(s.tcp4, 2),
                         fmt(s.udp_loss, 2),
+                        fmt(s.udp_drop_app, 2),
+                        fmt(s.udp_drop_tunnel, 2),
+                        fmt(s.udp_drop_tun, 2),
                         fmt(s.lat_p50, 1),
                         fmt(s.gbps_per_core, 2),
                         fmt(s.rss_mb, 1)
@@ -970,10 +1080,22 @@ fn main() -> Result<()> {
             .unwrap_or(f64::NAN)
     };
     type Metric = (&'static str, &'static str, fn(&Sample) -> f64, usize);
-    let metrics: [Metric; 8] = [
+    let metrics: [Metric; 10] = [
         ("tcp1", "TCP 1 stream Gbit/s", |s| s.tcp1, 2),
         ("tcp4", "TCP 4 streams Gbit/s", |s| s.tcp4, 2),
         ("udp_loss", "UDP 1G loss %", |s| s.udp_loss, 2),
+        (
+            "udp_drop_app",
+            "of which at the receiving app's socket %",
+            |s| s.udp_drop_app,
+            2,
+        ),
+        (
+            "udp_drop_tunnel",
+            "of which in the tunnel (its socket, TUN queues) %",
+            |s| s.udp_drop_tunnel,
+            2,
+        ),
         ("udp_gbps", "UDP 1G delivered Gbit/s", |s| s.udp_gbps, 3),
         ("latency_p50", "ping-pong p50 µs", |s| s.lat_p50, 1),
         (
@@ -1023,7 +1145,8 @@ fn main() -> Result<()> {
                 continue;
             }
             for (key, _, f, _) in &metrics {
-                if *key == "cpu_cores" {
+                // Drop shares are mostly zero: a ratio of them says nothing.
+                if matches!(*key, "cpu_cores" | "udp_drop_app" | "udp_drop_tunnel") {
                     continue;
                 }
                 let r = med(ours, *f) / med(other, *f);
