@@ -634,7 +634,7 @@ async fn pod_table_mss_clamp_replaced_atomically_and_removed() {
             {"accept": null}
         ]}}),
     ];
-    assert!(nft.replace_table(POD_TABLE, &bad).await.is_err());
+    assert!(nft.replace_table(POD_TABLE, bad).await.is_err());
     assert_eq!(
         t.pod.exec(&["nft", "list", "table", "inet", POD_TABLE]),
         before

@@ -84,7 +84,9 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use super::nftables::{remove_table_batch, replace_table_batch, NftDriver, NftError, FAMILY};
+use super::nftables::{
+    remove_table_batch, replace_table_batch, tagged, NftDriver, NftError, FAMILY,
+};
 
 /// Our table of the service proxy, in the agent's pod namespace.
 pub const PROXY_TABLE: &str = "sdn_tunnel_proxy";
@@ -192,6 +194,16 @@ fn endpoint_key(f: &Frontend, i: u32) -> Value {
     json!({"concat": [f.ip.to_string(), f.protocol.as_str(), f.port, i]})
 }
 
+/// `[key, address]` of the endpoint-addresses map.
+fn addr_element(key: Value, e: &SocketAddr) -> Value {
+    Value::Array(vec![key, Value::String(e.ip().to_string())])
+}
+
+/// `[key, port]` of the endpoint-ports map.
+fn port_element(key: Value, e: &SocketAddr) -> Value {
+    Value::Array(vec![key, Value::from(e.port())])
+}
+
 /// What the table holds, in a form that diffs cheaply.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rendered {
@@ -252,7 +264,11 @@ fn obj_ref(kind: &str, name: &str) -> Value {
 }
 
 fn element(set: &str, elems: Vec<Value>) -> Value {
-    json!({"element": {"family": FAMILY, "table": PROXY_TABLE, "name": set, "elem": elems}})
+    let mut body = obj_ref("element", set);
+    if let Some(Value::Object(inner)) = body.get_mut("element") {
+        inner.insert("elem".to_owned(), Value::Array(elems));
+    }
+    body
 }
 
 fn rule(chain: &str, expr: Value) -> Value {
@@ -351,7 +367,7 @@ fn pick_objects(p: &Pick) -> Vec<Value> {
 }
 
 fn vmap_element(f: &Frontend, p: &Pick) -> Value {
-    json!([element_key(f), {"goto": {"target": p.chain()}}])
+    Value::Array(vec![element_key(f), json!({"goto": {"target": p.chain()}})])
 }
 
 /// The whole table for `r`: base objects and pick chains before the
@@ -379,11 +395,11 @@ pub fn table_objects(r: &Rendered) -> Vec<Value> {
         if !slots.is_empty() {
             let addrs = slots
                 .iter()
-                .map(|((f, i), e)| json!([endpoint_key(f, *i), e.ip().to_string()]))
+                .map(|((f, i), e)| addr_element(endpoint_key(f, *i), e))
                 .collect();
             let ports = slots
                 .iter()
-                .map(|((f, i), e)| json!([endpoint_key(f, *i), e.port()]))
+                .map(|((f, i), e)| port_element(endpoint_key(f, *i), e))
                 .collect();
             objs.push(element(&addrs_map(is_v4), addrs));
             objs.push(element(&ports_map(is_v4), ports));
@@ -407,7 +423,7 @@ pub fn table_objects(r: &Rendered) -> Vec<Value> {
 
 /// The batch that replaces the whole table with `r`.
 pub fn full_batch(r: &Rendered) -> Value {
-    replace_table_batch(PROXY_TABLE, &table_objects(r))
+    replace_table_batch(PROXY_TABLE, table_objects(r))
 }
 
 /// Groups single-element commands on the same set into one command.
@@ -418,7 +434,7 @@ fn grouped(verb: &str, elems: Vec<(String, Value)>) -> Vec<Value> {
     }
     by_set
         .into_iter()
-        .map(|(set, elems)| json!({ verb: element(&set, elems) }))
+        .map(|(set, elems)| tagged(verb, element(&set, elems)))
         .collect()
 }
 
@@ -430,7 +446,7 @@ pub fn incremental_commands(old: &Rendered, new: &mut Rendered) -> Vec<Value> {
     // 1. Pick chains that appear.
     for p in new.picks.difference(&old.picks) {
         for o in pick_objects(p) {
-            cmds.push(json!({ "add": o }));
+            cmds.push(tagged("add", o));
         }
     }
     new.picks.extend(old.picks.iter().copied());
@@ -456,8 +472,8 @@ pub fn incremental_commands(old: &Rendered, new: &mut Rendered) -> Vec<Value> {
     for ((f, i), e) in &new.endpoints {
         if old.endpoints.get(&(*f, *i)) != Some(e) {
             let key = endpoint_key(f, *i);
-            add.push((addrs_map(v4(&f.ip)), json!([key, e.ip().to_string()])));
-            add.push((ports_map(v4(&f.ip)), json!([key, e.port()])));
+            add.push((addrs_map(v4(&f.ip)), addr_element(key.clone(), e)));
+            add.push((ports_map(v4(&f.ip)), port_element(key, e)));
         }
     }
     for (f, p) in &new.frontends {
@@ -473,10 +489,10 @@ pub fn incremental_commands(old: &Rendered, new: &mut Rendered) -> Vec<Value> {
     // 4. Service CIDRs (rarely change): the sets are refilled.
     if old.cidrs != new.cidrs {
         for is_v4 in [true, false] {
-            cmds.push(json!({"flush": obj_ref("set", &cidrs_set(is_v4))}));
+            cmds.push(tagged("flush", obj_ref("set", &cidrs_set(is_v4))));
             let elems = super::nftables::set_elements(&new.cidrs, is_v4);
             if !elems.is_empty() {
-                cmds.push(json!({"add": element(&cidrs_set(is_v4), elems)}));
+                cmds.push(tagged("add", element(&cidrs_set(is_v4), elems)));
             }
         }
     }
