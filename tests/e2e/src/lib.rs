@@ -32,6 +32,17 @@ pub const FIELD_MANAGER: &str = "sdn-tunnel-e2e";
 /// Prefix of the agent pod names (`agent-<node index>`).
 pub const AGENT_POD: &str = "agent";
 
+/// The routes the agent installed in a namespace: those of its route
+/// protocol (93, `drivers::netlink::ROUTE_PROTOCOL`), as `ip route` prints them.
+pub fn our_routes(netns: &str) -> Result<Vec<String>> {
+    Ok(
+        sdn_tunnel_lab::sys::ip_in(netns, &["route", "show", "proto", "93"])?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// The repository's root (where `deploy/` is).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

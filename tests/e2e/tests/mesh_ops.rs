@@ -16,7 +16,7 @@ use sdn_tunnel_e2e::{
     install, start_agent, start_agents, tunnel_peers, wait_mesh_connected, FIELD_MANAGER, NAMESPACE,
 };
 use sdn_tunnel_lab::server::tcp_request;
-use sdn_tunnel_lab::{sys, Identity, Lab, LabConfig, Pod, POD_SERVER_PORT};
+use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod, POD_SERVER_PORT};
 
 fn at(p: &Pod) -> SocketAddr {
     SocketAddr::from((p.ip, POD_SERVER_PORT))
@@ -24,11 +24,7 @@ fn at(p: &Pod) -> SocketAddr {
 
 /// Our routes (protocol 93) in a namespace.
 fn our_routes(netns: &str) -> Vec<String> {
-    sys::ip_in(netns, &["route", "show", "proto", "93"])
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    sdn_tunnel_e2e::our_routes(netns).unwrap()
 }
 
 /// What east's agents report about west's peers: (node, state, reason), per east node.

@@ -24,11 +24,7 @@ const PORT: u16 = 51820;
 
 /// Our routes (protocol 93) in a namespace.
 fn our_routes(netns: &str) -> Vec<String> {
-    sys::ip_in(netns, &["route", "show", "proto", "93"])
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    sdn_tunnel_e2e::our_routes(netns).unwrap()
 }
 
 fn public_key(agent: &Path, key_file: &Path) -> String {
