@@ -302,6 +302,11 @@ async fn start_launches(
 /// The HTTP status of `GET <path>` on `addr`, from inside `netns` (for the
 /// pods' `/healthz` and `/readyz`, as the kubelet probes them).
 pub fn http_status(netns: &str, addr: std::net::SocketAddr, path: &str) -> Result<u16> {
+    http_get(netns, addr, path).map(|(status, _)| status)
+}
+
+/// `GET <path>` on `addr` from inside `netns`: the status and the body.
+pub fn http_get(netns: &str, addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let answer = sdn_tunnel_lab::sys::in_netns(netns, move || {
@@ -312,11 +317,16 @@ pub fn http_status(netns: &str, addr: std::net::SocketAddr, path: &str) -> Resul
         s.read_to_end(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
     })?;
-    answer
+    let status = answer
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP answer from {addr}{path}: {answer:?}"))
+        .with_context(|| format!("not an HTTP answer from {addr}{path}: {answer:?}"))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Resolves `name` (type A) through the DNS server at `server`, from inside

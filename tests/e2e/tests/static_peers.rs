@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use sdn_tunnel_e2e::daemonset::http_get;
 use sdn_tunnel_e2e::workspace_binary;
 use sdn_tunnel_lab::config::NodePlan;
 use sdn_tunnel_lab::server::{tcp_request, udp_request};
@@ -164,6 +165,25 @@ async fn static_peers_route_pods_across_clusters_through_the_agent_pods() {
         "8 TCP + 8 UDP cross-cluster exchanges through static peers within {:.2} s of the agents' start",
         started.elapsed().as_secs_f64()
     );
+
+    // Each agent is ready and counts both remote peers as connected in
+    // /metrics (no Kubernetes involved in either).
+    for a in &agents {
+        let at = SocketAddr::from((a.ip, 9586));
+        let (status, _) = http_get(&a.netns, at, "/readyz").unwrap();
+        assert_eq!(status, 200, "{}/{} /readyz", a.cluster, a.name);
+        eventually(
+            &lab,
+            "peers connected in /metrics",
+            Duration::from_secs(10),
+            || {
+                http_get(&a.netns, at, "/metrics").is_ok_and(|(_, body)| {
+                    body.lines()
+                        .any(|l| l.starts_with("sdn_tunnel_peers_connected") && l.ends_with(" 2"))
+                })
+            },
+        );
+    }
 
     // The node routes the remote pod CIDRs via its agent pod (not directly
     // into a tunnel device, which lives in the agent pod).
