@@ -6,8 +6,10 @@
 // Helpers shared by the tests panic on setup failures on purpose.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,64 +22,12 @@ use sdn_tunnel_agent::drivers::netns::{
 };
 use sdn_tunnel_agent::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
 use serde_json::{json, Value};
+use support::{sh, Netns};
 
-/// A network namespace owned by one test.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(test: &str, role: &str) -> Self {
-        let name = format!("sdnt-drv-{test}-{role}-{}", std::process::id());
-        // A leftover of a crashed earlier run with the same pid is ours too.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.name];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    fn our_routes(&self, family: &str) -> String {
-        let proto = ROUTE_PROTOCOL.to_string();
-        self.ip(&[family, "route", "show", "table", "all", "proto", &proto])
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Our routes (all tables) of `family` (`-4`/`-6`) in `ns`.
+fn our_routes(ns: &Netns, family: &str) -> String {
+    let proto = ROUTE_PROTOCOL.to_string();
+    ns.ip(&[family, "route", "show", "table", "all", "proto", &proto])
 }
 
 fn net(s: &str) -> IpNet {
@@ -103,8 +53,8 @@ struct NodeAndPod {
 }
 
 fn node_and_pod(test: &str) -> NodeAndPod {
-    let node = Netns::new(test, "node");
-    let pod = Netns::new(test, "pod");
+    let node = Netns::new(&format!("drv-{test}-node"));
+    let pod = Netns::new(&format!("drv-{test}-pod"));
     node.ip(&["link", "add", "cbr0", "type", "bridge"]);
     node.ip(&["addr", "add", "10.1.1.1/24", "dev", "cbr0"]);
     node.ip(&["link", "set", "cbr0", "up"]);
@@ -162,10 +112,10 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
     assert_eq!(report.added.len(), 3, "{report:?}");
     // The foreign 10.102.0.0/16 (same table, dst and metric) comes first.
     assert_eq!(report.shadowed, vec![desired[1]], "{report:?}");
-    let v4 = t.pod.our_routes("-4");
+    let v4 = our_routes(&t.pod, "-4");
     assert!(v4.contains("10.2.0.0/16 dev wg0"), "{v4}");
     assert!(v4.contains("10.102.0.0/16 dev wg0"), "{v4}");
-    let v6 = t.pod.our_routes("-6");
+    let v6 = our_routes(&t.pod, "-6");
     assert!(v6.contains("fd00:2::/48 dev wg0"), "{v6}");
 
     // The full listing has the foreign routes; ours-only has exactly ours.
@@ -200,13 +150,13 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
     assert_eq!(event.dst, Some(net("10.2.0.0/16")));
     let repaired = driver.apply(&desired).await.unwrap();
     assert_eq!(repaired.added, vec![desired[0]]);
-    assert!(t.pod.our_routes("-4").contains("10.2.0.0/16 dev wg0"));
+    assert!(our_routes(&t.pod, "-4").contains("10.2.0.0/16 dev wg0"));
 
     // A changed next hop is replaced, not duplicated.
     let moved = vec![Route::dev(net("10.2.0.0/16"), wg1), desired[1], desired[2]];
     let report = driver.apply(&moved).await.unwrap();
     assert_eq!(report.replaced, vec![moved[0]]);
-    let v4 = t.pod.our_routes("-4");
+    let v4 = our_routes(&t.pod, "-4");
     assert!(
         v4.contains("10.2.0.0/16 dev wg1") && !v4.contains("10.2.0.0/16 dev wg0"),
         "{v4}"
@@ -228,14 +178,14 @@ async fn pod_routes_dev_wg0_reconcile_repair_and_leave_foreign_routes_alone() {
         }
         other => panic!("expected a partial failure, got {other:?}"),
     }
-    assert!(t.pod.our_routes("-4").contains("10.3.0.0/16 dev wg0"));
+    assert!(our_routes(&t.pod, "-4").contains("10.3.0.0/16 dev wg0"));
     assert!(driver.apply(&moved).await.unwrap().deleted == vec![with_bad[3]]);
 
     // Clean shutdown: only our routes go; the foreign ones are exactly as before.
     let removed = driver.remove_all().await.unwrap();
     assert_eq!(removed, 3);
-    assert_eq!(t.pod.our_routes("-4").trim(), "");
-    assert_eq!(t.pod.our_routes("-6").trim(), "");
+    assert_eq!(our_routes(&t.pod, "-4").trim(), "");
+    assert_eq!(our_routes(&t.pod, "-6").trim(), "");
     assert_eq!(t.pod.ip(&["route", "show", "table", "all"]), foreign_before);
     let left = t.pod.ip(&["route", "show", "10.102.0.0/16"]);
     assert!(
@@ -261,7 +211,11 @@ async fn link_down_flush_is_repaired_when_the_link_comes_back() {
     let mut events = RouteEvents::subscribe(Some(&t.node.path())).await.unwrap();
 
     t.node.ip(&["link", "set", "cbr0", "down"]);
-    assert_eq!(t.node.our_routes("-4").trim(), "", "the kernel flushed it");
+    assert_eq!(
+        our_routes(&t.node, "-4").trim(),
+        "",
+        "the kernel flushed it"
+    );
     t.node.ip(&["link", "set", "cbr0", "up"]);
     let event = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -275,10 +229,7 @@ async fn link_down_flush_is_repaired_when_the_link_comes_back() {
     .expect("no link-up event");
     assert!(event.removed && event.ours);
     assert_eq!(driver.apply(&desired).await.unwrap().added, desired);
-    assert!(t
-        .node
-        .our_routes("-4")
-        .contains("10.2.0.0/16 via 10.1.1.2 dev cbr0"));
+    assert!(our_routes(&t.node, "-4").contains("10.2.0.0/16 via 10.1.1.2 dev cbr0"));
 }
 
 /// Lost events must not go unnoticed: while the (single-threaded) runtime
@@ -387,8 +338,8 @@ async fn node_routes_via_agent_pod_resolve_the_bridge() {
     assert!(!driver.apply(&both).await.unwrap().changed());
 
     assert_eq!(driver.remove_all().await.unwrap(), 3);
-    assert_eq!(t.node.our_routes("-4").trim(), "");
-    assert_eq!(t.node.our_routes("-6").trim(), "");
+    assert_eq!(our_routes(&t.node, "-4").trim(), "");
+    assert_eq!(our_routes(&t.node, "-6").trim(), "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,8 +348,8 @@ async fn node_routes_via_ptp_veth_need_onlink() {
     // host-scope /32 on the pod's veth. Without onlink the kernel accepts
     // `via` but resolves the next hop with host scope and silently ignores
     // the gateway (it would ARP for the final destination).
-    let node = Netns::new("ptp", "node");
-    let pod = Netns::new("ptp", "pod");
+    let node = Netns::new("drv-ptp-node");
+    let pod = Netns::new("drv-ptp-pod");
     veth(&node, "veth1234", &pod, "eth0");
     node.ip(&["addr", "add", "10.244.1.1/32", "dev", "veth1234"]);
     node.ip(&[
@@ -430,7 +381,7 @@ async fn node_routes_via_ptp_veth_need_onlink() {
     assert_eq!(driver.apply(&desired).await.unwrap().added.len(), 1);
     let got = node.ip(&["route", "get", "10.2.3.4"]);
     assert!(got.contains("via 10.244.1.5 dev veth1234"), "{got}");
-    let ours = node.our_routes("-4");
+    let ours = our_routes(&node, "-4");
     assert!(ours.contains("onlink"), "{ours}");
     assert!(
         !driver.apply(&desired).await.unwrap().changed(),
@@ -444,7 +395,7 @@ async fn node_routes_via_ptp_veth_need_onlink() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_netns_enters_the_target_on_its_own_thread_only() {
-    let ns = Netns::new("enter", "x");
+    let ns = Netns::new("drv-enter-x");
     let here = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let mine = here();
     let theirs = in_netns(Some(&ns.path()), here).unwrap();
@@ -551,9 +502,9 @@ fn rp_filter_loose_lands_in_the_target_namespace_only() {
 /// change).
 #[test]
 fn rp_filter_loose_accepts_asymmetric_cross_cluster_packets() {
-    let node = Netns::new("rpfx", "node");
-    let sender = Netns::new("rpfx", "snd");
-    let other = Netns::new("rpfx", "oth");
+    let node = Netns::new("drv-rpfx-node");
+    let sender = Netns::new("drv-rpfx-snd");
+    let other = Netns::new("drv-rpfx-oth");
     veth(&sender, "eth0", &node, "ina");
     veth(&other, "eth0", &node, "inb");
     sender.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth0"]);
@@ -675,9 +626,9 @@ fn server_side_mss(client: &Netns, server: &Netns, dst: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mss_clamp_rewrites_syns_routed_into_the_tunnel() {
     // client --eth0--> agent pod (forwards) --wg0 (MTU 1280)--> remote.
-    let client = Netns::new("mss", "cli");
-    let pod = Netns::new("mss", "pod");
-    let remote = Netns::new("mss", "rem");
+    let client = Netns::new("drv-mss-cli");
+    let pod = Netns::new("drv-mss-pod");
+    let remote = Netns::new("drv-mss-rem");
     veth(&client, "eth0", &pod, "eth0");
     client.ip(&["addr", "add", "10.1.1.5/24", "dev", "eth0"]);
     client.ip(&["route", "add", "default", "via", "10.1.1.1"]);
@@ -816,9 +767,9 @@ const V6: MasqAddrs = MasqAddrs {
 };
 
 fn masq_lab(test: &str, a: &'static MasqAddrs) -> MasqLab {
-    let node = Netns::new(test, "node");
-    let client = Netns::new(test, "cli");
-    let ext = Netns::new(test, "ext");
+    let node = Netns::new(&format!("drv-{test}-node"));
+    let client = Netns::new(&format!("drv-{test}-cli"));
+    let ext = Netns::new(&format!("drv-{test}-ext"));
     let with_len = |ip: &str, len: &str| format!("{ip}/{len}");
     let host_len = if a.pod.contains(':') { "128" } else { "32" };
     let pod_len = a.pod_net.split('/').nth(1).unwrap();
@@ -1068,7 +1019,7 @@ fn masquerade_exemption_beats_a_legacy_iptables_masquerade() {
 #[test]
 fn our_namespaces_are_gone_after_drop() {
     let name = {
-        let ns = Netns::new("drop", "x");
+        let ns = Netns::new("drv-drop-x");
         ns.name.clone()
     };
     let list = sh(&["ip", "netns", "list"]);

@@ -13,6 +13,8 @@
 // Setup helpers panic on failure on purpose: a test that cannot set up fails.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -22,64 +24,24 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sdn_tunnel_agent::drivers::netns::in_netns;
+use support::{sh, Netns};
 
 const UAPI_DIR: &str = "/var/run/wireguard";
 
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(role: &str) -> Self {
-        let name = format!("sdnt-wg-{role}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.name];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-    fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-    fn try_exec(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-    fn spawn(&self, args: &[&str], log: &Path) -> Proc {
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
-        Proc {
-            child,
-            log: log.to_owned(),
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+/// Starts `args` inside `ns`, output to `log`; stopped when dropped.
+fn spawn(ns: &Netns, args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    Proc {
+        child,
+        log: log.to_owned(),
     }
 }
 
@@ -122,20 +84,6 @@ impl Drop for Cleanup {
             let _ = std::fs::remove_file(p);
         }
     }
-}
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -225,8 +173,8 @@ fn wg_tools_configure_us_and_wireguard_go_interoperates() {
         log_b.clone(),
     ]);
 
-    let a = Netns::new("a");
-    let b = Netns::new("b");
+    let a = Netns::new("wg-a");
+    let b = Netns::new("wg-b");
     let (va, vb) = (format!("sdnva{pid}"), format!("sdnvb{pid}"));
     let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
     sh(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb]);
@@ -242,7 +190,8 @@ fn wg_tools_configure_us_and_wireguard_go_interoperates() {
     let sock_a = Path::new(UAPI_DIR).join(format!("{ours}.sock"));
     let sock_b = Path::new(UAPI_DIR).join(format!("{theirs}.sock"));
 
-    let ours_proc = a.spawn(
+    let ours_proc = spawn(
+        &a,
         &[
             env!("CARGO_BIN_EXE_tunnel-agent"),
             "wg",
@@ -255,7 +204,7 @@ fn wg_tools_configure_us_and_wireguard_go_interoperates() {
         ],
         &log_a,
     );
-    let theirs_proc = b.spawn(&["wireguard-go", "-f", &theirs], &log_b);
+    let theirs_proc = spawn(&b, &["wireguard-go", "-f", &theirs], &log_b);
     wait_for("our UAPI socket", Duration::from_secs(20), || {
         sock_a.exists()
     });
@@ -451,8 +400,8 @@ fn keepalive_peer_is_reached_after_boringtun_gave_up() {
         log_a.clone(),
         log_b.clone(),
     ]);
-    let a = Netns::new("c");
-    let b = Netns::new("d");
+    let a = Netns::new("wg-c");
+    let b = Netns::new("wg-d");
     let (va, vb) = (format!("sdnvc{pid}"), format!("sdnvd{pid}"));
     let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
     sh(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb]);
@@ -466,7 +415,8 @@ fn keepalive_peer_is_reached_after_boringtun_gave_up() {
     let pub_b = genkey(&key_b);
     let sock_a = Path::new(UAPI_DIR).join(format!("{ours}.sock"));
     let sock_b = Path::new(UAPI_DIR).join(format!("{theirs}.sock"));
-    let ours_proc = a.spawn(
+    let ours_proc = spawn(
+        &a,
         &[
             "env",
             "RUST_LOG=info,sdn_tunnel_agent::tunnel=debug",
@@ -478,7 +428,7 @@ fn keepalive_peer_is_reached_after_boringtun_gave_up() {
         ],
         &log_a,
     );
-    let _theirs_proc = b.spawn(&["wireguard-go", "-f", &theirs], &log_b);
+    let _theirs_proc = spawn(&b, &["wireguard-go", "-f", &theirs], &log_b);
     wait_for("our UAPI socket", Duration::from_secs(20), || {
         sock_a.exists()
     });
@@ -556,7 +506,7 @@ fn config_file_is_applied_at_start() {
     let bad = tmp.join(format!("sdnt-wg-{pid}-e-bad.conf"));
     let log = tmp.join(format!("sdnt-wg-{pid}-e.log"));
     let _files = Cleanup(vec![key.clone(), conf.clone(), bad.clone(), log.clone()]);
-    let ns = Netns::new("e");
+    let ns = Netns::new("wg-e");
     let public = genkey(&key);
     let private = std::fs::read_to_string(&key).unwrap();
     let peer = sh(&["wg", "genkey"]);
@@ -576,7 +526,8 @@ fn config_file_is_applied_at_start() {
     )
     .unwrap();
     let sock = Path::new(UAPI_DIR).join(format!("{ours}.sock"));
-    let proc_ = ns.spawn(
+    let proc_ = spawn(
+        &ns,
         &[
             env!("CARGO_BIN_EXE_tunnel-agent"),
             "wg",

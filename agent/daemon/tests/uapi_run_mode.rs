@@ -10,6 +10,8 @@
 // Setup helpers panic on failure on purpose: a test that cannot set up fails.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,30 +23,7 @@ use sdn_tunnel_agent::uapi::{Server, Target, DEFAULT_SOCKET_DIR};
 use sdn_tunnel_datapath::device::{Device, DeviceConfig};
 use sdn_tunnel_datapath::io::tun::{Tun, TunOptions};
 use sdn_tunnel_datapath::keys::PrivateKey;
-
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("sdnt-uapiro-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        Netns(name)
-    }
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
+use support::Netns;
 
 struct RemoveOnDrop(PathBuf);
 
@@ -62,7 +41,7 @@ fn wg(args: &[&str]) -> std::process::Output {
 fn run_mode_socket_is_read_only() {
     let pid = std::process::id();
     let iface = format!("sdnro{}", pid % 1_000_000);
-    let ns = Netns::new();
+    let ns = Netns::new("uapiro");
     let key_file = std::env::temp_dir().join(format!("sdnt-uapiro-{pid}.key"));
     let _ = std::fs::remove_file(&key_file);
     let _cleanup = RemoveOnDrop(key_file.clone());
