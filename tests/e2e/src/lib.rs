@@ -289,6 +289,31 @@ pub fn start_agent(
     lab.add_pod_running(cluster, node.index, &name, &agent, &args, &env)
 }
 
+/// Prints the logs of `pods` to stderr: what a failed check shows.
+pub fn dump_logs(lab: &Lab, pods: &[Pod]) {
+    for p in pods {
+        eprintln!(
+            "--- {}/{}:\n{}",
+            p.cluster,
+            p.name,
+            std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap_or_default()
+        );
+    }
+}
+
+/// [`wait_mesh_connected`], printing the `agents`' logs when it fails.
+pub async fn wait_mesh_connected_or_dump(
+    lab: &Lab,
+    agents: &[Pod],
+    timeout: Duration,
+) -> Result<Duration> {
+    let r = wait_mesh_connected(lab, timeout).await;
+    if r.is_err() {
+        dump_logs(lab, agents);
+    }
+    r
+}
+
 /// Every TunnelPeer of every cluster, with the cluster it is in.
 pub async fn tunnel_peers(lab: &Lab) -> Result<Vec<(String, TunnelPeer)>> {
     let mut out = Vec::new();

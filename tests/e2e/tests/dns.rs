@@ -23,8 +23,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::Api;
 use sdn_tunnel_e2e::{
-    install, service_account_kubeconfig, start_agents, wait_mesh_connected, workspace_binary,
-    FIELD_MANAGER, NAMESPACE,
+    install, service_account_kubeconfig, start_agents, wait_mesh_connected_or_dump,
+    workspace_binary, FIELD_MANAGER, NAMESPACE,
 };
 use sdn_tunnel_lab::server::tcp_request;
 use sdn_tunnel_lab::sys::in_netns;
@@ -272,17 +272,9 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     let mut lab = Lab::up(cfg).await.expect("lab up");
     let installed = install(&lab).await.expect("install");
     let agents = start_agents(&mut lab, &installed).expect("agents");
-    if let Err(e) = wait_mesh_connected(&lab, Duration::from_secs(90)).await {
-        for a in &agents {
-            eprintln!(
-                "--- {}/{}:\n{}",
-                a.cluster,
-                a.name,
-                std::fs::read_to_string(lab.pod_log(&a.cluster, &a.name)).unwrap_or_default()
-            );
-        }
-        panic!("{e:#}");
-    }
+    wait_mesh_connected_or_dump(&lab, &agents, Duration::from_secs(90))
+        .await
+        .unwrap();
 
     // Services: `web` in both clusters, `only-west` in west, headless `db` in west.
     let east_web = lab.add_pod("east", 1, "east-web").unwrap();

@@ -13,8 +13,8 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use sdn_tunnel_api::{PeerState, TunnelCluster, TunnelPeer, TunnelPeerSpec};
 use sdn_tunnel_e2e::{
-    install, start_agents, tunnel_peers, wait_mesh_connected, workspace_binary, FIELD_MANAGER,
-    NAMESPACE,
+    install, start_agents, tunnel_peers, wait_mesh_connected_or_dump, workspace_binary,
+    FIELD_MANAGER, NAMESPACE,
 };
 use sdn_tunnel_lab::server::{tcp_request, udp_request};
 use sdn_tunnel_lab::{Identity, Lab, LabConfig, POD_SERVER_PORT};
@@ -29,20 +29,9 @@ async fn mesh_comes_up_from_crds_and_refuses_a_hostile_peer() {
     let started = Instant::now();
     let agents = start_agents(&mut lab, &installed).expect("agents");
     assert_eq!(agents.len(), 4);
-    let took = match wait_mesh_connected(&lab, Duration::from_secs(90)).await {
-        Ok(t) => t,
-        Err(e) => {
-            for a in &agents {
-                eprintln!(
-                    "--- {}/{}:\n{}",
-                    a.cluster,
-                    a.name,
-                    std::fs::read_to_string(lab.pod_log(&a.cluster, &a.name)).unwrap_or_default()
-                );
-            }
-            panic!("{e:#}");
-        }
-    };
+    let took = wait_mesh_connected_or_dump(&lab, &agents, Duration::from_secs(90))
+        .await
+        .unwrap();
     println!(
         "mesh connected {:.1} s after the agents started ({:.1} s waiting)",
         started.elapsed().as_secs_f64(),

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use sdn_tunnel_e2e::{install, start_agents, wait_mesh_connected, FIELD_MANAGER};
+use sdn_tunnel_e2e::{install, start_agents, wait_mesh_connected_or_dump, FIELD_MANAGER};
 use sdn_tunnel_lab::server::{tcp_request, udp_request};
 use sdn_tunnel_lab::sys::in_netns;
 use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod, POD_SERVER_PORT};
@@ -236,17 +236,6 @@ fn plain_log(path: &std::path::Path) -> String {
     out
 }
 
-fn dump_logs(lab: &Lab, agents: &[Pod]) {
-    for a in agents {
-        eprintln!(
-            "--- {}/{}:\n{}",
-            a.cluster,
-            a.name,
-            std::fs::read_to_string(lab.pod_log(&a.cluster, &a.name)).unwrap_or_default()
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_cluster_ips_reach_ready_endpoints_only() {
     let mut cfg = LabConfig::new("e2esvc");
@@ -254,10 +243,9 @@ async fn remote_cluster_ips_reach_ready_endpoints_only() {
     let mut lab = Lab::up(cfg).await.expect("lab up");
     let installed = install(&lab).await.expect("install");
     let agents = start_agents(&mut lab, &installed).expect("agents");
-    if let Err(e) = wait_mesh_connected(&lab, Duration::from_secs(90)).await {
-        dump_logs(&lab, &agents);
-        panic!("{e:#}");
-    }
+    wait_mesh_connected_or_dump(&lab, &agents, Duration::from_secs(90))
+        .await
+        .unwrap();
     let east_agents: Vec<Pod> = agents
         .iter()
         .filter(|a| a.cluster == "east")
