@@ -95,6 +95,8 @@ pub struct ClusterObjects {
     pub peers: Vec<TunnelPeer>,
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Labels of its namespaces (for a `namespaceSelector`).
+    pub namespaces: crate::services::NamespaceLabels,
 }
 
 /// Everything the DNS records depend on.
@@ -163,6 +165,9 @@ pub enum SkipReason {
     ZoneConflict(String),
     /// The zone of a cluster (or the merged zone) is not a valid DNS zone.
     BadZone(String),
+    /// The cluster's `serviceSelector` cannot be evaluated: nothing of the
+    /// cluster is served (as the proxy exports nothing of it).
+    BadSelector(String),
 }
 
 impl std::fmt::Display for SkipReason {
@@ -183,6 +188,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::BadName(s) => write!(f, "{s:?} is not a DNS label"),
             SkipReason::ZoneConflict(z) => write!(f, "zone {z} is served for another cluster"),
             SkipReason::BadZone(z) => write!(f, "{z:?} is not a valid DNS zone"),
+            SkipReason::BadSelector(e) => write!(f, "serviceSelector: {e}"),
         }
     }
 }
@@ -424,6 +430,24 @@ fn cluster_entries(
         }
         if !is_dns_label(&name) || !is_dns_label(&ns) {
             continue;
+        }
+        // A remote cluster's zone holds what the local admin imports from
+        // it, the same services the proxy serves.
+        if !spec.local {
+            let labels = svc.metadata.labels.clone().unwrap_or_default();
+            match crate::services::selected(
+                spec.service_selector.as_ref(),
+                &ns,
+                &objects.namespaces,
+                &labels,
+            ) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    skip(String::new(), SkipReason::BadSelector(e));
+                    return BTreeMap::new();
+                }
+            }
         }
         let Some(s) = svc.spec.as_ref() else {
             skip(object, SkipReason::NoPorts);
@@ -771,6 +795,7 @@ mod tests {
                     &[("http", 80, "TCP")],
                 )],
                 slices: vec![],
+                ..Default::default()
             },
         );
         m.insert(
@@ -782,6 +807,7 @@ mod tests {
                     service("demo", "only-west", "10.102.0.11", &[("dns", 53, "UDP")]),
                 ],
                 slices: vec![],
+                ..Default::default()
             },
         );
         m.insert(
@@ -795,6 +821,7 @@ mod tests {
                     &[("http", 8080, "TCP")],
                 )],
                 slices: vec![],
+                ..Default::default()
             },
         );
         m
@@ -1147,6 +1174,74 @@ mod tests {
             r.zones["cluster.all"].addrs("only-west.demo.svc.cluster.all"),
             ips(&["10.102.0.11"])
         );
+    }
+
+    #[test]
+    fn a_remote_zone_holds_only_what_its_service_selector_imports() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let mut cs = clusters();
+        // west: only the services of namespaces labelled team=web
+        cs[1].spec.service_selector = Some(sdn_tunnel_api::ServiceSelector {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some([("team".to_string(), "web".to_string())].into()),
+                match_expressions: None,
+            }),
+            selector: None,
+        });
+        let mut objects = world();
+        fn input(cs: &[TunnelCluster], objects: &BTreeMap<String, ClusterObjects>) -> DnsRecords {
+            dns_records(DnsInput {
+                local_cluster: "east",
+                clusters: cs,
+                objects,
+                now: now(),
+                policy: &DnsPolicy::default(),
+            })
+        }
+        // namespaces not known yet: nothing of west is imported
+        let r = input(&cs, &objects);
+        assert!(r.zones["cluster.west"].records.is_empty());
+        assert!(r.zones["cluster.all"]
+            .addrs("only-west.demo.svc.cluster.all")
+            .is_empty());
+        // demo carries the label: west's services are back, in both zones
+        if let Some(west) = objects.get_mut("west") {
+            west.namespaces = [(
+                "demo".to_string(),
+                [("team".to_string(), "web".to_string())].into(),
+            )]
+            .into();
+        }
+        let r = input(&cs, &objects);
+        assert_eq!(
+            r.zones["cluster.west"].addrs("only-west.demo.svc.cluster.west"),
+            ips(&["10.102.0.11"])
+        );
+        // the local cluster's own zone is never filtered
+        assert_eq!(
+            r.zones["cluster.east"].addrs("web.demo.svc.cluster.east"),
+            ips(&["10.101.0.10"])
+        );
+        // a broken selector serves nothing of west, and says why
+        cs[1].spec.service_selector = Some(sdn_tunnel_api::ServiceSelector {
+            namespace_selector: None,
+            selector: Some(LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "x".into(),
+                        operator: "Near".into(),
+                        values: None,
+                    },
+                ]),
+            }),
+        });
+        let r = input(&cs, &objects);
+        assert!(r.zones["cluster.west"].records.is_empty());
+        assert!(r
+            .skipped
+            .iter()
+            .any(|s| s.cluster == "west" && matches!(s.reason, SkipReason::BadSelector(_))));
     }
 
     #[test]

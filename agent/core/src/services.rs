@@ -241,7 +241,13 @@ pub struct RemoteServices<'a> {
     pub selector: Option<&'a ServiceSelector>,
     pub services: Vec<&'a Service>,
     pub slices: Vec<&'a EndpointSlice>,
+    /// Labels of the cluster's namespaces, by name, for the selector's
+    /// `namespaceSelector` (a namespace missing here has only its name label).
+    pub namespaces: &'a NamespaceLabels,
 }
+
+/// Labels of a cluster's namespaces, by namespace name.
+pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
 
 /// Whether `labels` satisfy `selector`; `Err` names an expression that
 /// cannot be evaluated. An empty selector matches everything.
@@ -271,15 +277,21 @@ pub fn selector_matches(
     Ok(true)
 }
 
-/// Whether a Service in `namespace` with `labels` is exported by `sel`.
-fn selected(
+/// Whether a Service in `namespace` with `labels` is exported by `sel`
+/// (the proxy and DNS both ask). The namespace's labels come from
+/// `namespaces`; its `kubernetes.io/metadata.name` label is always there,
+/// as the API server sets it, so selecting by name works before the
+/// Namespace watch has synced.
+pub fn selected(
     sel: Option<&ServiceSelector>,
     namespace: &str,
+    namespaces: &NamespaceLabels,
     labels: &BTreeMap<String, String>,
 ) -> Result<bool, String> {
     let Some(sel) = sel else { return Ok(true) };
     if let Some(ns) = &sel.namespace_selector {
-        let ns_labels = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())]);
+        let mut ns_labels = namespaces.get(namespace).cloned().unwrap_or_default();
+        ns_labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
         if !selector_matches(ns, &ns_labels).map_err(|e| format!("namespaceSelector: {e}"))? {
             return Ok(false);
         }
@@ -471,7 +483,7 @@ fn one_cluster(remote: &RemoteServices<'_>) -> (Vec<ProxiedService>, BTreeSet<Sk
             continue;
         };
         let labels = svc.metadata.labels.clone().unwrap_or_default();
-        match selected(remote.selector, ns, &labels) {
+        match selected(remote.selector, ns, remote.namespaces, &labels) {
             Ok(true) => {}
             Ok(false) => {
                 not_selected += 1;
@@ -703,11 +715,22 @@ mod tests {
         services: &[Service],
         slices: &[EndpointSlice],
     ) -> ProxyState {
+        run_with_namespaces(cluster, selector, services, slices, &NamespaceLabels::new())
+    }
+
+    fn run_with_namespaces(
+        cluster: &AcceptedCluster,
+        selector: Option<&ServiceSelector>,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        namespaces: &NamespaceLabels,
+    ) -> ProxyState {
         desired_proxy(&[RemoteServices {
             cluster,
             selector,
             services: services.iter().collect(),
             slices: slices.iter().collect(),
+            namespaces,
         }])
     }
 
@@ -979,6 +1002,24 @@ mod tests {
         assert!(s.services.is_empty());
         assert_eq!(s.skipped.len(), 1);
         assert_eq!(s.skipped[0].reason, SkipReason::BadSelector);
+        // a namespace selected by its own labels (from the Namespace watch)
+        let team = ServiceSelector {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some([("team".to_string(), "a".to_string())].into()),
+                match_expressions: None,
+            }),
+            selector: None,
+        };
+        let namespaces: NamespaceLabels = [(
+            "demo".to_string(),
+            [("team".to_string(), "a".to_string())].into(),
+        )]
+        .into();
+        let s = run_with_namespaces(&c, Some(&team), &services, &[], &namespaces);
+        let names: Vec<&str> = s.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "b"]);
+        // before the namespaces are known, only the name label matches
+        assert!(run(&c, Some(&team), &services, &[]).services.is_empty());
     }
 
     #[test]

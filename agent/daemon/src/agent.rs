@@ -677,21 +677,24 @@ impl ServiceProxy {
                     .iter()
                     .find(|d| !d.spec.local && d.spec.cluster_name == c.name)
                     .and_then(|d| d.spec.service_selector.clone());
-                let (services, slices) = stores
+                let (services, slices, namespaces) = stores
                     .get(&c.name)
-                    .map(|s| (s.services.state(), s.slices.state()))
+                    .map(|s| (s.services.state(), s.slices.state(), s.namespace_labels()))
                     .unwrap_or_default();
-                (c, selector, services, slices)
+                (c, selector, services, slices, namespaces)
             })
             .collect();
         let remotes: Vec<RemoteServices<'_>> = held
             .iter()
-            .map(|(c, selector, services, slices)| RemoteServices {
-                cluster: c,
-                selector: selector.as_ref(),
-                services: services.iter().map(AsRef::as_ref).collect(),
-                slices: slices.iter().map(AsRef::as_ref).collect(),
-            })
+            .map(
+                |(c, selector, services, slices, namespaces)| RemoteServices {
+                    cluster: c,
+                    selector: selector.as_ref(),
+                    services: services.iter().map(AsRef::as_ref).collect(),
+                    slices: slices.iter().map(AsRef::as_ref).collect(),
+                    namespaces,
+                },
+            )
             .collect();
         let state = desired_proxy(&remotes);
         {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
@@ -220,28 +220,48 @@ pub struct ClusterStores {
     pub peers: Store<TunnelPeer>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    /// For the labels a `namespaceSelector` may select on.
+    pub namespaces: Store<Namespace>,
+}
+
+impl ClusterStores {
+    /// The labels of the cluster's namespaces, as last seen.
+    pub fn namespace_labels(&self) -> sdn_tunnel_core::services::NamespaceLabels {
+        self.namespaces
+            .state()
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.clone()?;
+                Some((name, n.metadata.labels.clone().unwrap_or_default()))
+            })
+            .collect()
+    }
 }
 
 struct ClusterWriters {
     peers: Writer<TunnelPeer>,
     services: Writer<Service>,
     slices: Writer<EndpointSlice>,
+    namespaces: Writer<Namespace>,
 }
 
 fn cluster_stores() -> (ClusterStores, ClusterWriters) {
     let (peers, pw) = reflector::store();
     let (services, sw) = reflector::store();
     let (slices, ew) = reflector::store();
+    let (namespaces, nw) = reflector::store();
     (
         ClusterStores {
             peers,
             services,
             slices,
+            namespaces,
         },
         ClusterWriters {
             peers: pw,
             services: sw,
             slices: ew,
+            namespaces: nw,
         },
     )
 }
@@ -598,8 +618,15 @@ async fn watch_cluster(
                 false
             ),
             pump(
-                Api::<EndpointSlice>::all(client),
+                Api::<EndpointSlice>::all(client.clone()),
                 &mut writers.slices,
+                &health,
+                &changed,
+                false
+            ),
+            pump(
+                Api::<Namespace>::all(client),
+                &mut writers.namespaces,
                 &health,
                 &changed,
                 false

@@ -249,8 +249,10 @@ pub const AGENT_ACCESS: &[Access] = &[
     a("watch", G, "tunnelclusters", "", "", true),
     a("get", "", "nodes", "", "", true),
     a("watch", "", "services", "", "", true),
+    a("watch", "", "namespaces", "", "", true),
     a("watch", "discovery.k8s.io", "endpointslices", "", "", true),
     a("get", "", "secrets", "", NS, true),
+    a("patch", "", "namespaces", "", "", false),
     a("create", G, "tunnelpeers", "", "default", false),
     a("update", G, "tunnelpeers", "", NS, false),
     a("delete", G, "tunnelpeers", "", NS, false),
@@ -288,11 +290,13 @@ pub const AGENT_ACCESS: &[Access] = &[
 ];
 
 /// What other clusters may do with the kubeconfig they are given: read
-/// TunnelPeers, Services and EndpointSlices; nothing else.
+/// TunnelPeers, Services, EndpointSlices and Namespaces; nothing else.
 pub const REMOTE_READER_ACCESS: &[Access] = &[
     a("list", G, "tunnelpeers", "", "", true),
     a("watch", G, "tunnelpeers", "", "", true),
     a("watch", "", "services", "", "", true),
+    a("watch", "", "namespaces", "", "", true),
+    a("delete", "", "namespaces", "", "", false),
     a("watch", "discovery.k8s.io", "endpointslices", "", "", true),
     a("create", G, "tunnelpeers", "", NS, false),
     a("patch", G, "tunnelpeers", "", NS, false),

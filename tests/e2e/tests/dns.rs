@@ -475,6 +475,59 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
         "FIGURE dns_cluster_returns_to_cluster_all = {:.2} s",
         restarted.elapsed().as_secs_f64()
     );
+
+    // Import by namespace labels: east takes from west only the services of
+    // namespaces labelled `sdn-e2e/export=yes` (the Namespace watch through
+    // west's remote-reader identity). `demo` has no such label: its names
+    // leave east's DNS and its ClusterIP leaves the proxy; labelling `demo`
+    // in west brings both back.
+    let east_admin = lab.client("east", Identity::Admin).await.unwrap();
+    let selector = serde_json::json!({"spec": {"serviceSelector": {
+        "namespaceSelector": {"matchLabels": {"sdn-e2e/export": "yes"}}}}});
+    Api::<sdn_tunnel_api::TunnelCluster>::all(east_admin.clone())
+        .patch("west", &PatchParams::default(), &Patch::Merge(&selector))
+        .await
+        .unwrap();
+    if let Err(e) = wait_for(&ns, server, west_name, Duration::from_secs(30), |ips| {
+        ips.is_empty()
+    }) {
+        panic!("{e:#}\n--- dns log:\n{}", dns_log());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tcp_request(&ns, resolved, Duration::from_secs(1)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{resolved} still proxied after west's demo stopped being imported"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let west_admin = lab.client("west", Identity::Admin).await.unwrap();
+    let label = serde_json::json!({"metadata": {"labels": {"sdn-e2e/export": "yes"}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(west_admin)
+        .patch("demo", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    let labelled = Instant::now();
+    if let Err(e) = wait_for(&ns, server, west_name, Duration::from_secs(30), |ips| {
+        ips.contains(&west_ip)
+    }) {
+        panic!("{e:#}\n--- dns log:\n{}", dns_log());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tcp_request(&ns, resolved, Duration::from_secs(2)) {
+            Ok(who) if who == "west-web" => break,
+            other if Instant::now() > deadline => {
+                panic!("{resolved} answered {other:?} after demo was labelled, not west-web")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    println!(
+        "namespace label to name and ClusterIP back: {:.2} s",
+        labelled.elapsed().as_secs_f64()
+    );
+
     upstream_running.store(false, Ordering::Relaxed);
     // Hundreds of queries, and no per-query log line at the default level.
     let log = dns_log();

@@ -136,6 +136,7 @@ pub fn snapshot(watches: &Watches) -> BTreeMap<String, ClusterObjects> {
                 peers: s.peers.state().iter().map(|p| (**p).clone()).collect(),
                 services: s.services.state().iter().map(|p| (**p).clone()).collect(),
                 slices: s.slices.state().iter().map(|p| (**p).clone()).collect(),
+                namespaces: s.namespace_labels(),
             };
             (name, objects)
         })
