@@ -265,6 +265,21 @@ fn wait_for(
     bail!("{name}: condition not met after {timeout:?}; last: {last:?}")
 }
 
+/// Waits (20 s at most) until a TCP request to `addr` from `netns` is
+/// answered by pod `who`; panics with `what` and the last answer otherwise.
+fn wait_answered_by(netns: &str, addr: SocketAddr, who: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tcp_request(netns, addr, Duration::from_secs(2)) {
+            Ok(answer) if answer == who => return,
+            other if Instant::now() > deadline => {
+                panic!("{what}: {addr} answered {other:?}, not {who}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     let mut cfg = LabConfig::new("e2edns");
@@ -364,16 +379,12 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     assert_eq!((rcode, ips.len()), (NOERROR, 1));
     // The name leads somewhere: through the agents' proxy to west's pod.
     let resolved = SocketAddr::from((ips.into_iter().next().unwrap(), 80));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match tcp_request(&ns, resolved, Duration::from_secs(2)) {
-            Ok(who) if who == "west-web" => break,
-            other if Instant::now() > deadline => {
-                panic!("{west_name} ({resolved}) answered {other:?}, not west-web")
-            }
-            _ => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
+    wait_answered_by(
+        &ns,
+        resolved,
+        "west-web",
+        &format!("{west_name} ({resolved})"),
+    );
     let (_, ips) = resolve(&ns, server, "web.demo.svc.cluster.east").unwrap();
     assert_eq!(
         ips.into_iter().map(IpAddr::V4).collect::<Vec<_>>(),
@@ -513,16 +524,7 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     }) {
         panic!("{e:#}\n--- dns log:\n{}", dns_log());
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match tcp_request(&ns, resolved, Duration::from_secs(2)) {
-            Ok(who) if who == "west-web" => break,
-            other if Instant::now() > deadline => {
-                panic!("{resolved} answered {other:?} after demo was labelled, not west-web")
-            }
-            _ => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
+    wait_answered_by(&ns, resolved, "west-web", "after demo was labelled");
     println!(
         "namespace label to name and ClusterIP back: {:.2} s",
         labelled.elapsed().as_secs_f64()
