@@ -374,12 +374,15 @@ async fn run_static(
     readiness: watch::Sender<Readiness>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Checked before anything is created (the key file included): a bad
+    // file changes nothing.
+    let mut peers = static_peers::load(path, cfg.keepalive())
+        .with_context(|| format!("static peers {}", path.display()))?;
     let (key, created) = PrivateKey::load_or_generate(&cfg.key_file)
         .with_context(|| format!("private key {}", cfg.key_file.display()))?;
     let own = key.public_key();
     info!(public_key = %own.to_base64(), created, "WireGuard key ready");
-    // Checked before anything is created: a bad file changes nothing.
-    let mut peers = static_peers::load(path, &own, cfg.keepalive())
+    static_peers::refuse_own_key(&peers, &own)
         .with_context(|| format!("static peers {}", path.display()))?;
     info!(file = %path.display(), peers = peers.len(), "static peers loaded");
     readiness.send_modify(|r| {
@@ -413,7 +416,9 @@ async fn run_static(
         readiness.send_modify(|r| r.last_apply_ok = failed.is_empty() && routed);
         tokio::select! {
             _ = sighup.recv() => {
-                match static_peers::load(path, &own, cfg.keepalive()) {
+                match static_peers::load(path, cfg.keepalive())
+                    .and_then(|p| static_peers::refuse_own_key(&p, &own).map(|()| p))
+                {
                     Ok(p) => {
                         info!(file = %path.display(), peers = p.len(), "static peers reloaded");
                         peers = p;

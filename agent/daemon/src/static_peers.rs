@@ -58,26 +58,30 @@ pub enum StaticPeersError {
     },
 }
 
-/// Reads and checks a static peer file. `own` is this agent's public key,
-/// `keepalive` the agent's default for peers that do not set one.
-pub fn load(
-    path: &Path,
-    own: &PublicKey,
-    keepalive: Option<u16>,
-) -> Result<Vec<TunnelPeer>, StaticPeersError> {
+/// Reads and checks a static peer file; `keepalive` is the agent's default
+/// for peers that do not set one. (Whether it lists our own key is
+/// [`refuse_own_key`]'s question: the file is checked before the key file
+/// is created, so that a bad file changes nothing.)
+pub fn load(path: &Path, keepalive: Option<u16>) -> Result<Vec<TunnelPeer>, StaticPeersError> {
     let text = std::fs::read_to_string(path).map_err(|e| StaticPeersError::Read {
         path: path.display().to_string(),
         why: e.to_string(),
     })?;
-    parse(&text, own, keepalive)
+    parse(&text, keepalive)
+}
+
+/// Refuses a peer list that holds this agent's own key.
+pub fn refuse_own_key(peers: &[TunnelPeer], own: &PublicKey) -> Result<(), StaticPeersError> {
+    match peers.iter().find(|p| p.public_key == *own) {
+        Some(p) => Err(StaticPeersError::OwnKey {
+            peer: p.public_key.to_base64(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Parses and checks the text of a static peer file (see [`load`]).
-pub fn parse(
-    text: &str,
-    own: &PublicKey,
-    keepalive: Option<u16>,
-) -> Result<Vec<TunnelPeer>, StaticPeersError> {
+pub fn parse(text: &str, keepalive: Option<u16>) -> Result<Vec<TunnelPeer>, StaticPeersError> {
     let lines = setconf_to_uapi(text)?;
     let req = uapi::parse_set(&lines).map_err(|e| StaticPeersError::Uapi(e.to_string()))?;
     if req.private_key.is_some() {
@@ -92,9 +96,6 @@ pub fn parse(
     let mut peers: Vec<TunnelPeer> = Vec::with_capacity(req.peers.len());
     for block in req.peers {
         let name = block.public_key.to_base64();
-        if block.public_key == *own {
-            return Err(StaticPeersError::OwnKey { peer: name });
-        }
         if peers.iter().any(|p| p.public_key == block.public_key) {
             return Err(StaticPeersError::Duplicate { peer: name });
         }
@@ -193,7 +194,8 @@ mod tests {
                 "Endpoint = 192.0.2.2:51821\nAllowedIPs = 10.246.0.0/24\nPersistentKeepalive = 0"
             ),
         );
-        let peers = parse(&text, &own, Some(25)).expect("valid");
+        let peers = parse(&text, Some(25)).expect("valid");
+        assert_eq!(refuse_own_key(&peers, &own), Ok(()));
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[0].public_key, a);
         assert_eq!(peers[0].endpoint, Some("192.0.2.1:51820".parse().unwrap()));
@@ -214,7 +216,7 @@ mod tests {
                 "10.246.0.0/24".parse().unwrap()
             ]
         );
-        assert_eq!(parse("# nobody yet\n", &own, None), Ok(Vec::new()));
+        assert_eq!(parse("# nobody yet\n", None), Ok(Vec::new()));
     }
 
     #[test]
@@ -232,7 +234,6 @@ mod tests {
                 "overlaps 10.245.0.0/16",
             ),
             (format!("{}{}", peer(&a, ""), peer(&a, "")), "appears twice"),
-            (peer(&own, "AllowedIPs = 10.1.0.0/24"), "own key"),
             (
                 format!(
                     "[Interface]\nPrivateKey = {}\n",
@@ -256,14 +257,17 @@ mod tests {
             ("[Peer]\nEndpoint = 192.0.2.1:1\n".into(), "no PublicKey"),
         ];
         for (text, why) in cases {
-            let err = parse(&text, &own, Some(25)).expect_err(&text).to_string();
+            let err = parse(&text, Some(25)).expect_err(&text).to_string();
             assert!(err.contains(why), "{text:?}: {err:?} should say {why:?}");
         }
+        let mine = parse(&peer(&own, "AllowedIPs = 10.1.0.0/24"), None).expect("well formed");
+        let err = refuse_own_key(&mine, &own).unwrap_err().to_string();
+        assert!(err.contains("own key"), "{err}");
     }
 
     #[test]
     fn a_missing_file_names_its_path() {
-        let err = load(Path::new("/nonexistent/peers.conf"), &key(), None).unwrap_err();
+        let err = load(Path::new("/nonexistent/peers.conf"), None).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/peers.conf"), "{err}");
     }
 }

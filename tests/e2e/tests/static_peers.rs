@@ -289,6 +289,10 @@ async fn static_peers_route_pods_across_clusters_through_the_agent_pods() {
         "no TUN device after a refused start"
     );
     assert_eq!(our_routes(&east1.netns), routes_before);
+    assert!(
+        !lab.cluster_dir("east").join("bad.key").exists(),
+        "a refused start creates no key file"
+    );
 
     // A clean stop removes every route of ours, in the pod and on the node.
     for a in &agents {
