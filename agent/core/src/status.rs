@@ -30,6 +30,29 @@ pub struct PeerObservation {
     pub tx_bytes: u64,
     /// Last measured round trip in microseconds.
     pub rtt_micros: Option<u64>,
+    /// When anything authenticated was last received from the peer.
+    pub last_receive: Option<Timestamp>,
+    /// The persistent keepalive we use with the peer, in seconds.
+    pub keepalive_secs: Option<u16>,
+}
+
+/// Slack on top of two keepalive intervals before a silent peer counts as
+/// unreachable (see [`silence`]).
+pub const RECEIVE_MARGIN_SECS: i64 = 10;
+
+/// How long the peer has been silent, and the keepalive that makes the
+/// silence meaningful, when it exceeds two keepalive intervals plus
+/// [`RECEIVE_MARGIN_SECS`] (60 s with the default 25 s). Every agent of a
+/// mesh sends persistent keepalives, so a live path carries something at
+/// least every interval; a silent one is broken (a firewall, a dead node)
+/// even while the WireGuard session has not expired yet — found in about
+/// a minute instead of the 180 s it takes the session to expire. Without
+/// a keepalive (0) an idle link is legitimately silent: never judged.
+pub fn silence(obs: &PeerObservation, now: Timestamp) -> Option<(i64, u16)> {
+    let keepalive = obs.keepalive_secs.filter(|k| *k > 0)?;
+    let since = obs.last_receive.or(obs.last_handshake)?;
+    let silent = now.duration_since(since).as_secs().max(0);
+    (silent > 2 * i64::from(keepalive) + RECEIVE_MARGIN_SECS).then_some((silent, keepalive))
 }
 
 /// State of an accepted peer and the age of its last handshake in seconds.
@@ -40,7 +63,8 @@ pub fn peer_state(obs: Option<&PeerObservation>, now: Timestamp) -> (PeerState, 
         None => (PeerState::Handshaking, None),
         Some(t) => {
             let age = now.duration_since(t).as_secs().max(0);
-            if age <= HANDSHAKE_FRESH_SECS {
+            let silent = obs.and_then(|o| silence(o, now)).is_some();
+            if age <= HANDSHAKE_FRESH_SECS && !silent {
                 (PeerState::Connected, Some(age))
             } else {
                 (PeerState::Stale, Some(age))
@@ -77,13 +101,21 @@ pub fn remote_peer_statuses(
                     Some("NoHandshake".to_string()),
                     Some("no handshake has completed yet".to_string()),
                 ),
-                _ => (
-                    Some("HandshakeExpired".to_string()),
-                    Some(format!(
-                        "last handshake {}s ago, more than {HANDSHAKE_FRESH_SECS}s",
-                        age.unwrap_or_default()
-                    )),
-                ),
+                _ => match obs.and_then(|o| silence(o, now)) {
+                    Some((silent, keepalive)) if age.unwrap_or_default() <= HANDSHAKE_FRESH_SECS => (
+                        Some("NothingReceived".to_string()),
+                        Some(format!(
+                            "nothing received for {silent}s although keepalives are every {keepalive}s: the path is broken"
+                        )),
+                    ),
+                    _ => (
+                        Some("HandshakeExpired".to_string()),
+                        Some(format!(
+                            "last handshake {}s ago, more than {HANDSHAKE_FRESH_SECS}s",
+                            age.unwrap_or_default()
+                        )),
+                    ),
+                },
             };
             RemotePeerStatus {
                 cluster: p.cluster.clone(),

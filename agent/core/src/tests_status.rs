@@ -24,6 +24,9 @@ fn obs(handshake_ago: Option<i64>) -> PeerObservation {
         rx_bytes: 1000,
         tx_bytes: 2000,
         rtt_micros: Some(350),
+        // Traffic (or keepalives) flowing: received a second ago.
+        last_receive: handshake_ago.map(|_| ago(1)),
+        keepalive_secs: Some(25),
     }
 }
 
@@ -39,7 +42,14 @@ fn scenario() -> (Vec<TunnelPeer>, BTreeMap<String, PeerObservation>) {
 
 fn statuses() -> Vec<sdn_tunnel_api::RemotePeerStatus> {
     let (ps, o) = scenario();
-    let sp = sourced(&ps);
+    statuses_of(&ps, &o)
+}
+
+fn statuses_of(
+    ps: &[TunnelPeer],
+    o: &BTreeMap<String, PeerObservation>,
+) -> Vec<sdn_tunnel_api::RemotePeerStatus> {
+    let sp = sourced(ps);
     let m = validate_mesh(&clusters(), &sp, &own_key()).unwrap();
     let lp = local_peer();
     let d = desired_state(&Snapshot {
@@ -48,7 +58,50 @@ fn statuses() -> Vec<sdn_tunnel_api::RemotePeerStatus> {
         persistent_keepalive: None,
     })
     .unwrap();
-    remote_peer_statuses(&m, &sp, &d.peers, &o, now())
+    remote_peer_statuses(&m, &sp, &d.peers, o, now())
+}
+
+#[test]
+fn a_silent_peer_is_stale_within_two_keepalives_not_at_session_expiry() {
+    let silent_for = |secs: i64, keepalive: Option<u16>| PeerObservation {
+        last_receive: Some(ago(secs)),
+        keepalive_secs: keepalive,
+        ..obs(Some(30))
+    };
+    // 25 s keepalives: up to 60 s of silence is normal (two intervals + 10 s).
+    assert_eq!(
+        peer_state(Some(&silent_for(60, Some(25))), now()),
+        (PeerState::Connected, Some(30))
+    );
+    assert_eq!(
+        peer_state(Some(&silent_for(61, Some(25))), now()),
+        (PeerState::Stale, Some(30))
+    );
+    assert_eq!(silence(&silent_for(61, Some(25)), now()), Some((61, 25)));
+    // No keepalive: an idle link is silent by design, never judged.
+    assert_eq!(
+        peer_state(Some(&silent_for(150, None)), now()),
+        (PeerState::Connected, Some(30))
+    );
+    assert_eq!(silence(&silent_for(150, Some(0)), now()), None);
+    // Nothing received ever recorded: the handshake is the last receive.
+    let old_handshake = PeerObservation {
+        last_receive: None,
+        ..obs(Some(100))
+    };
+    assert_eq!(silence(&old_handshake, now()), Some((100, 25)));
+    // The status says which of the two it is.
+    let (ps, mut o) = scenario();
+    o.insert(key(1), silent_for(90, Some(25)));
+    let w1 = statuses_of(&ps, &o)
+        .into_iter()
+        .find(|s| s.node == "w1")
+        .unwrap();
+    assert_eq!(
+        (w1.state, w1.reason.as_deref()),
+        (PeerState::Stale, Some("NothingReceived"))
+    );
+    assert!(w1.message.unwrap().contains("nothing received for 90s"));
 }
 
 #[test]

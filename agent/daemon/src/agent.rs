@@ -538,19 +538,21 @@ async fn status_loop(
             .stats()
             .into_iter()
             .map(|s| {
-                let last_handshake = s
-                    .last_handshake_age
-                    .and_then(|age| k8s_openapi::jiff::SignedDuration::try_from(age).ok())
-                    .and_then(|age| now.checked_sub(age).ok());
+                let at = |age: Option<Duration>| {
+                    age.and_then(|a| k8s_openapi::jiff::SignedDuration::try_from(a).ok())
+                        .and_then(|a| now.checked_sub(a).ok())
+                };
                 (
                     s.public_key.to_base64(),
                     PeerObservation {
-                        last_handshake,
+                        last_handshake: at(s.last_handshake_age),
                         rx_bytes: s.rx_bytes,
                         tx_bytes: s.tx_bytes,
                         rtt_micros: s
                             .handshake_rtt
                             .and_then(|r| u64::try_from(r.as_micros()).ok()),
+                        last_receive: at(s.last_receive_age),
+                        keepalive_secs: s.persistent_keepalive,
                     },
                 )
             })

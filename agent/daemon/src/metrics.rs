@@ -10,7 +10,9 @@
 //! - `sdn_tunnel_peer_{receive,transmit}_{bytes,packets}_total`;
 //! - `sdn_tunnel_peer_session_up`, `sdn_tunnel_peer_last_handshake_age_seconds`
 //!   (only while there is a session), `sdn_tunnel_peer_handshake_rtt_seconds`
-//!   (once a handshake we initiated completed);
+//!   (once a handshake we initiated completed),
+//!   `sdn_tunnel_peer_last_receive_age_seconds` (once anything was received:
+//!   with keepalives on, more than two intervals means a broken path);
 //! - `sdn_tunnel_drops_total{reason}`: every [`DropReason`], zeros included.
 
 use std::fmt;
@@ -191,6 +193,17 @@ pub fn encode_snapshot(
         "Age of the peer's current session",
         &age,
     )?;
+    let received: Vec<_> = stats
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.last_receive_age.map(|a| (labels(i), a.as_secs_f64())))
+        .collect();
+    gauge(
+        &mut encoder,
+        "sdn_tunnel_peer_last_receive_age_seconds",
+        "Time since anything authenticated was received from the peer",
+        &received,
+    )?;
     let rtt: Vec<_> = stats
         .iter()
         .enumerate()
@@ -258,6 +271,7 @@ mod tests {
             tx_bytes: 300 + u64::from(b),
             last_handshake_age: age.map(Duration::from_secs),
             handshake_rtt: age.map(|_| Duration::from_millis(4)),
+            last_receive_age: age.map(|a| Duration::from_secs(a / 2)),
         }
     }
 
@@ -287,6 +301,7 @@ mod tests {
             format!("sdn_tunnel_peer_last_handshake_age_seconds{{interface=\"wgt\",public_key=\"{k1}\"}} 10.0\n"),
             format!("sdn_tunnel_peer_handshake_rtt_seconds{{interface=\"wgt\",public_key=\"{k1}\"}} 0.004\n"),
             format!("sdn_tunnel_peer_session_up{{interface=\"wgt\",public_key=\"{k1}\"}} 1.0\n"),
+            format!("sdn_tunnel_peer_last_receive_age_seconds{{interface=\"wgt\",public_key=\"{k1}\"}} 5.0\n"),
             "sdn_tunnel_drops_total{interface=\"wgt\",reason=\"invalid_mac\"} 0\n".to_owned(),
             "# TYPE sdn_tunnel_drops counter\n".to_owned(),
         ] {

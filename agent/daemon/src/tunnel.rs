@@ -298,6 +298,7 @@ mod tests {
             tx_bytes: 0,
             last_handshake_age: age.map(Duration::from_secs),
             handshake_rtt: None,
+            last_receive_age: None,
         }
     }
 

@@ -1012,6 +1012,7 @@ mod tests {
                             tx_bytes: 0,
                             last_handshake_age: None,
                             handshake_rtt: None,
+                            last_receive_age: None,
                         },
                     })
                     .collect(),
@@ -1273,6 +1274,7 @@ mod tests {
                     tx_bytes: 400,
                     last_handshake_age: Some(Duration::from_secs(10)),
                     handshake_rtt: None,
+                    last_receive_age: None,
                 },
             }],
         };

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -278,6 +278,11 @@ pub struct PeerStats {
     /// Round trip of the last handshake we initiated (millisecond
     /// resolution), `None` until we have initiated one.
     pub handshake_rtt: Option<Duration>,
+    /// Time since anything authenticated was last received from the peer
+    /// (timer-tick resolution, see [`Device::update_timers`]); `None` if
+    /// nothing ever was. With persistent keepalives on both sides, a long
+    /// silence means the path is broken even while the session lives on.
+    pub last_receive_age: Option<Duration>,
 }
 
 struct Peer {
@@ -290,6 +295,11 @@ struct Peer {
     rx_bytes: u64,
     tx_packets: u64,
     tx_bytes: u64,
+    /// `rx_packets` at the timer tick that last saw it change, and when:
+    /// the receive clock costs one comparison per peer and tick, nothing
+    /// per packet.
+    rx_seen: u64,
+    last_receive: Option<Instant>,
 }
 
 impl Peer {
@@ -483,6 +493,8 @@ impl Device {
                     rx_bytes: 0,
                     tx_packets: 0,
                     tx_bytes: 0,
+                    rx_seen: 0,
+                    last_receive: None,
                 };
                 self.peers.insert(idx, peer);
                 self.by_key.insert(cfg.public_key, idx);
@@ -555,6 +567,7 @@ impl Device {
                 .stats()
                 .4
                 .map(|ms| Duration::from_millis(u64::from(ms))),
+            last_receive_age: peer.last_receive.map(|t| t.elapsed()),
         }
     }
 
@@ -796,7 +809,12 @@ impl Device {
             self.drops.bump(DropReason::BufferTooSmall);
             return;
         }
+        let now = Instant::now();
         for peer in self.peers.values_mut() {
+            if peer.rx_packets != peer.rx_seen {
+                peer.rx_seen = peer.rx_packets;
+                peer.last_receive = Some(now);
+            }
             match peer.tunn.update_timers(out) {
                 TunnResult::WriteToNetwork(datagram) => match peer.endpoint {
                     Some(to) => {

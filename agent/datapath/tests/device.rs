@@ -257,6 +257,38 @@ fn persistent_keepalive_is_sent_after_idle() {
 }
 
 #[test]
+fn the_receive_clock_follows_authenticated_traffic_at_timer_ticks() {
+    let mut lab = Lab::pair(Some(1));
+    let b_of_a = |lab: &Lab| lab.nodes[1].dev.peer_stats(&lab.nodes[0].public()).unwrap();
+    assert_eq!(b_of_a(&lab).last_receive_age, None, "nothing received yet");
+    establish(&mut lab);
+    // Traffic arrived, but the clock moves at timer ticks only.
+    assert_eq!(b_of_a(&lab).last_receive_age, None);
+    lab.timers(1);
+    let fresh = b_of_a(&lab).last_receive_age.expect("seen at the tick");
+    assert!(fresh < Duration::from_millis(500), "{fresh:?}");
+    // Silence: the age grows, ticks or not.
+    std::thread::sleep(Duration::from_millis(300));
+    lab.timers(1);
+    let silent = b_of_a(&lab).last_receive_age.unwrap();
+    assert!(silent >= Duration::from_millis(300), "{silent:?}");
+    // Garbage from A's address is not "received from A".
+    let from_a = lab.nodes[0].addr;
+    let _ = lab.nodes[1]
+        .dev
+        .decapsulate(from_a, &[4u8; 64], &mut [0u8; 256]);
+    lab.timers(1);
+    assert!(b_of_a(&lab).last_receive_age.unwrap() >= Duration::from_millis(300));
+    // A keepalive from A resets it.
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.timers(0);
+    lab.run();
+    lab.timers(1);
+    let after = b_of_a(&lab).last_receive_age.unwrap();
+    assert!(after < Duration::from_millis(300), "{after:?}");
+}
+
+#[test]
 fn keepalive_is_not_sent_when_disabled() {
     let mut lab = Lab::pair(None);
     establish(&mut lab);

@@ -126,6 +126,9 @@ async fn static_peers_route_pods_across_clusters_through_the_agent_pods() {
             PORT.to_string(),
             "--metrics-addr".into(),
             "0.0.0.0:9586".into(),
+            // Short keepalives: a broken path shows within seconds below.
+            "--keepalive-secs".into(),
+            "2".into(),
         ];
         // No kubeconfig, no namespace: nothing here talks to an apiserver.
         let env = vec![("RUST_LOG".to_string(), "info".to_string())];
@@ -184,6 +187,60 @@ async fn static_peers_route_pods_across_clusters_through_the_agent_pods() {
             },
         );
     }
+
+    // A path that breaks silently (west node 1's datagrams dropped before
+    // east node 1's socket): the receive clock of that peer runs on while
+    // the other peer's keepalives keep arriving. (The status rule built on
+    // it, Stale/NothingReceived after two keepalives + 10 s, is unit-tested
+    // in sdn-tunnel-core; static mode writes no status.)
+    let east_agent = &agents[0];
+    let west1 = &nodes
+        .iter()
+        .find(|(c, n, ..)| c == "west" && n.index == 1)
+        .unwrap();
+    let west2 = &nodes
+        .iter()
+        .find(|(c, n, ..)| c == "west" && n.index == 2)
+        .unwrap();
+    let east_node = &files[0].1;
+    let nft = |script: &str| {
+        sys::run("ip", &["netns", "exec", &east_node.netns, "nft", script]).unwrap();
+    };
+    nft(&format!(
+        "add table inet e2e_block; add chain inet e2e_block input {{ type filter hook input priority -10; }}; \
+         add rule inet e2e_block input ip saddr {} udp dport {PORT} drop",
+        west1.1.underlay_ip
+    ));
+    let receive_age = |key: &str| -> Option<f64> {
+        let (_, body) = http_get(
+            &east_agent.netns,
+            SocketAddr::from((east_agent.ip, 9586)),
+            "/metrics",
+        )
+        .ok()?;
+        body.lines()
+            .find(|l| {
+                l.starts_with("sdn_tunnel_peer_last_receive_age_seconds")
+                    && l.contains(&format!("public_key=\"{key}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    eventually(
+        &lab,
+        "west node 1 silent for 6 s",
+        Duration::from_secs(20),
+        || receive_age(&west1.3).is_some_and(|a| a > 6.0),
+    );
+    let live = receive_age(&west2.3).unwrap();
+    assert!(live < 4.0, "west node 2 keeps talking: {live} s");
+    nft("delete table inet e2e_block");
+    eventually(
+        &lab,
+        "west node 1 heard again",
+        Duration::from_secs(10),
+        || receive_age(&west1.3).is_some_and(|a| a < 4.0),
+    );
 
     // The node routes the remote pod CIDRs via its agent pod (not directly
     // into a tunnel device, which lives in the agent pod).
