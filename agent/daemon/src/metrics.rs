@@ -147,6 +147,15 @@ pub fn encode_snapshot(
             .map(|(i, p)| (labels(i), f(p)))
             .collect()
     };
+    // A gauge in seconds for the peers that have the duration.
+    let seconds_per_peer =
+        |f: &dyn Fn(&PeerStats) -> Option<std::time::Duration>| -> Vec<([(&str, &str); 2], f64)> {
+            stats
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| f(p).map(|d| (labels(i), d.as_secs_f64())))
+                .collect()
+        };
     counter(
         &mut encoder,
         "sdn_tunnel_peer_receive_bytes",
@@ -182,38 +191,23 @@ pub fn encode_snapshot(
         "1 when the peer has a live session",
         &session,
     )?;
-    let age: Vec<_> = stats
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| p.last_handshake_age.map(|a| (labels(i), a.as_secs_f64())))
-        .collect();
     gauge(
         &mut encoder,
         "sdn_tunnel_peer_last_handshake_age_seconds",
         "Age of the peer's current session",
-        &age,
+        &seconds_per_peer(&|p| p.last_handshake_age),
     )?;
-    let received: Vec<_> = stats
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| p.last_receive_age.map(|a| (labels(i), a.as_secs_f64())))
-        .collect();
     gauge(
         &mut encoder,
         "sdn_tunnel_peer_last_receive_age_seconds",
         "Time since anything authenticated was received from the peer",
-        &received,
+        &seconds_per_peer(&|p| p.last_receive_age),
     )?;
-    let rtt: Vec<_> = stats
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| p.handshake_rtt.map(|r| (labels(i), r.as_secs_f64())))
-        .collect();
     gauge(
         &mut encoder,
         "sdn_tunnel_peer_handshake_rtt_seconds",
         "Round trip of the last handshake initiated with the peer",
-        &rtt,
+        &seconds_per_peer(&|p| p.handshake_rtt),
     )?;
     let reasons: Vec<_> = DropReason::ALL
         .iter()
