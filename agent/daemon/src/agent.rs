@@ -382,7 +382,7 @@ async fn run_static(
         .with_context(|| format!("private key {}", cfg.key_file.display()))?;
     let own = key.public_key();
     info!(public_key = %own.to_base64(), created, "WireGuard key ready");
-    static_peers::refuse_own_key(&peers, &own)
+    static_peers::refuse_local(&peers, &own, cfg.pod_ip)
         .with_context(|| format!("static peers {}", path.display()))?;
     info!(file = %path.display(), peers = peers.len(), "static peers loaded");
     readiness.send_modify(|r| {
@@ -417,7 +417,7 @@ async fn run_static(
         tokio::select! {
             _ = sighup.recv() => {
                 match static_peers::load(path, cfg.keepalive())
-                    .and_then(|p| static_peers::refuse_own_key(&p, &own).map(|()| p))
+                    .and_then(|p| static_peers::refuse_local(&p, &own, cfg.pod_ip).map(|()| p))
                 {
                     Ok(p) => {
                         info!(file = %path.display(), peers = p.len(), "static peers reloaded");

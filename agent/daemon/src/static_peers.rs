@@ -17,7 +17,7 @@
 //! Every peer's AllowedIPs are also routed into the tunnel (from the pod and,
 //! with a node namespace, from the node), so the file is checked as a
 //! routing table: no default route, no prefix of one peer overlapping
-//! another's, no peer twice, not our own key. A bad file is refused as a
+//! another's, no peer twice, not our own key nor our own pod range. A bad file is refused as a
 //! whole: at start the agent exits, on reload (SIGHUP) it keeps what it has.
 
 use std::net::SocketAddr;
@@ -47,6 +47,12 @@ pub enum StaticPeersError {
     Duplicate { peer: String },
     #[error("peer {peer} is this agent's own key")]
     OwnKey { peer: String },
+    #[error("peer {peer}: AllowedIPs {net} contains this agent's own pod IP {pod_ip}: it is a local range, not a remote one")]
+    LocalRange {
+        peer: String,
+        net: IpNet,
+        pod_ip: std::net::IpAddr,
+    },
     #[error("peer {peer}: AllowedIPs {net} would route everything into the tunnel; list the remote pod and service CIDRs")]
     DefaultRoute { peer: String, net: IpNet },
     #[error("peer {peer}: AllowedIPs {net} overlaps {other} of peer {other_peer}")]
@@ -60,7 +66,7 @@ pub enum StaticPeersError {
 
 /// Reads and checks a static peer file; `keepalive` is the agent's default
 /// for peers that do not set one. (Whether it lists our own key is
-/// [`refuse_own_key`]'s question: the file is checked before the key file
+/// [`refuse_local`]'s question: the file is checked before the key file
 /// is created, so that a bad file changes nothing.)
 pub fn load(path: &Path, keepalive: Option<u16>) -> Result<Vec<TunnelPeer>, StaticPeersError> {
     let text = std::fs::read_to_string(path).map_err(|e| StaticPeersError::Read {
@@ -70,14 +76,28 @@ pub fn load(path: &Path, keepalive: Option<u16>) -> Result<Vec<TunnelPeer>, Stat
     parse(&text, keepalive)
 }
 
-/// Refuses a peer list that holds this agent's own key.
-pub fn refuse_own_key(peers: &[TunnelPeer], own: &PublicKey) -> Result<(), StaticPeersError> {
-    match peers.iter().find(|p| p.public_key == *own) {
-        Some(p) => Err(StaticPeersError::OwnKey {
-            peer: p.public_key.to_base64(),
-        }),
-        None => Ok(()),
+/// Refuses a peer list that names this agent: its own key, or a prefix
+/// holding its own pod IP (the local pod range, whose routing into the
+/// tunnel would cut the node off from its own pods).
+pub fn refuse_local(
+    peers: &[TunnelPeer],
+    own: &PublicKey,
+    pod_ip: std::net::IpAddr,
+) -> Result<(), StaticPeersError> {
+    for p in peers {
+        let peer = p.public_key.to_base64();
+        if p.public_key == *own {
+            return Err(StaticPeersError::OwnKey { peer });
+        }
+        if let Some(net) = p.allowed_ips.iter().find(|n| n.contains(&pod_ip)) {
+            return Err(StaticPeersError::LocalRange {
+                peer,
+                net: *net,
+                pod_ip,
+            });
+        }
     }
+    Ok(())
 }
 
 /// Parses and checks the text of a static peer file (see [`load`]).
@@ -195,7 +215,8 @@ mod tests {
             ),
         );
         let peers = parse(&text, Some(25)).expect("valid");
-        assert_eq!(refuse_own_key(&peers, &own), Ok(()));
+        let pod_ip = "10.1.1.2".parse().unwrap();
+        assert_eq!(refuse_local(&peers, &own, pod_ip), Ok(()));
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[0].public_key, a);
         assert_eq!(peers[0].endpoint, Some("192.0.2.1:51820".parse().unwrap()));
@@ -260,9 +281,13 @@ mod tests {
             let err = parse(&text, Some(25)).expect_err(&text).to_string();
             assert!(err.contains(why), "{text:?}: {err:?} should say {why:?}");
         }
-        let mine = parse(&peer(&own, "AllowedIPs = 10.1.0.0/24"), None).expect("well formed");
-        let err = refuse_own_key(&mine, &own).unwrap_err().to_string();
+        let pod_ip = "10.1.0.2".parse().unwrap();
+        let mine = parse(&peer(&own, "AllowedIPs = 10.9.0.0/24"), None).expect("well formed");
+        let err = refuse_local(&mine, &own, pod_ip).unwrap_err().to_string();
         assert!(err.contains("own key"), "{err}");
+        let local = parse(&peer(&a, "AllowedIPs = 10.1.0.0/16"), None).expect("well formed");
+        let err = refuse_local(&local, &own, pod_ip).unwrap_err().to_string();
+        assert!(err.contains("own pod IP 10.1.0.2"), "{err}");
     }
 
     #[test]

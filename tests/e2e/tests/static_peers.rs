@@ -286,6 +286,17 @@ async fn static_peers_route_pods_across_clusters_through_the_agent_pods() {
         node_routes,
         "a refused reload changes no route"
     );
+    // Nor may a file route this node's own pod range into the tunnel.
+    let local_range = format!(
+        "{good}[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
+        nodes[1].3, east1.pod_cidr
+    );
+    std::fs::write(file, local_range).unwrap();
+    hup(&east_agent1);
+    eventually(&lab, "local range refused", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("own pod IP"))
+    });
+    assert_eq!(our_routes(&east1.netns), node_routes);
     assert!(exchange(&lab, "east", "web-1", "west", "web-2"));
 
     // A good reload without west node 2: its route goes, node 1's stays.
