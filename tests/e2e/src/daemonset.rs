@@ -336,16 +336,9 @@ pub fn resolve_a(
     server: std::net::SocketAddr,
     name: &str,
 ) -> Result<(u8, Vec<std::net::Ipv4Addr>)> {
+    use crate::dns_client::{decode_answer, encode_query};
     let id: u16 = 0x5d7e;
-    let mut q = Vec::with_capacity(64);
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
-    for label in name.trim_end_matches('.').split('.') {
-        let len = u8::try_from(label.len()).context("label too long")?;
-        q.push(len);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    let q = encode_query(id, name)?;
     let answer = sdn_tunnel_lab::sys::in_netns(netns, move || {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
@@ -354,46 +347,9 @@ pub fn resolve_a(
         let n = sock.recv(&mut buf)?;
         Ok(buf[..n].to_vec())
     })?;
-    let b = answer.as_slice();
-    let at = |i: usize| -> Result<u16> {
-        Ok(u16::from_be_bytes([
-            *b.get(i).context("short answer")?,
-            *b.get(i + 1).context("short answer")?,
-        ]))
-    };
-    if at(0)? != id {
+    let (answer_id, rcode, ips) = decode_answer(&answer)?;
+    if answer_id != id {
         bail!("answer for another query");
     }
-    let rcode = b.get(3).context("short answer")? & 0x0f;
-    let (qd, an) = (at(4)?, at(6)?);
-    let skip_name = |mut i: usize| -> Result<usize> {
-        loop {
-            let len = *b.get(i).context("name past the end")?;
-            if len & 0xc0 == 0xc0 {
-                return Ok(i + 2);
-            }
-            if len == 0 {
-                return Ok(i + 1);
-            }
-            i += 1 + usize::from(len);
-        }
-    };
-    let mut i = 12;
-    for _ in 0..qd {
-        i = skip_name(i)? + 4;
-    }
-    let mut ips = Vec::new();
-    for _ in 0..an {
-        i = skip_name(i)?;
-        let (rtype, rdlen) = (at(i)?, usize::from(at(i + 8)?));
-        let data = b
-            .get(i + 10..i + 10 + rdlen)
-            .context("rdata past the end")?;
-        if rtype == 1 && rdlen == 4 {
-            ips.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]));
-        }
-        i += 10 + rdlen;
-    }
-    ips.sort();
-    Ok((rcode, ips))
+    Ok((rcode, ips.into_iter().collect()))
 }

@@ -8,6 +8,7 @@
 pub mod ansible;
 pub mod checks;
 pub mod daemonset;
+pub mod dns_client;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -299,6 +300,20 @@ pub fn dump_logs(lab: &Lab, pods: &[Pod]) {
             std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap_or_default()
         );
     }
+}
+
+/// A lab per `cfg` with sdn-tunnel installed ([`install`]) and an agent on
+/// every node ([`start_agents`]), once every tunnel is connected (the
+/// agents' logs are printed when that takes longer than `timeout`).
+pub async fn connected_mesh(
+    cfg: sdn_tunnel_lab::LabConfig,
+    timeout: Duration,
+) -> Result<(Lab, Installed, Vec<Pod>)> {
+    let mut lab = Lab::up(cfg).await.context("lab up")?;
+    let installed = install(&lab).await.context("install")?;
+    let agents = start_agents(&mut lab, &installed).context("agents")?;
+    wait_mesh_connected_or_dump(&lab, &agents, timeout).await?;
+    Ok((lab, installed, agents))
 }
 
 /// [`wait_mesh_connected`], printing the `agents`' logs when it fails.

@@ -52,6 +52,17 @@ async fn assert_untouched(lab: &Lab, why: &str) {
     }
 }
 
+/// The Corefile of the cluster's CoreDNS (its ConfigMap in kube-system).
+async fn corefile(admin: kube::Client) -> String {
+    Api::<ConfigMap>::namespaced(admin, "kube-system")
+        .get("coredns")
+        .await
+        .unwrap()
+        .data
+        .unwrap()["Corefile"]
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
     let mut cfg = LabConfig::new("e2eans");
@@ -176,13 +187,7 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
             .await
             .unwrap();
         let ip = dns.spec.unwrap().cluster_ip.unwrap();
-        let corefile = Api::<ConfigMap>::namespaced(admin, "kube-system")
-            .get("coredns")
-            .await
-            .unwrap()
-            .data
-            .unwrap()["Corefile"]
-            .clone();
+        let corefile = corefile(admin).await;
         assert!(corefile.starts_with(COREFILE), "{corefile}");
         assert!(
             corefile.contains("cluster.all:53 cluster.east:53 cluster.west:53 {")
@@ -421,13 +426,7 @@ async fn playbook_installs_the_mesh_idempotently_and_uninstalls_it() {
             .as_deref()
             .unwrap_or_default()
             .ends_with("sdntunnel.io")));
-        let corefile = Api::<ConfigMap>::namespaced(admin, "kube-system")
-            .get("coredns")
-            .await
-            .unwrap()
-            .data
-            .unwrap()["Corefile"]
-            .clone();
+        let corefile = corefile(admin).await;
         assert_eq!(
             corefile.trim_end(),
             COREFILE.trim_end(),

@@ -17,84 +17,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::Api;
+use sdn_tunnel_e2e::dns_client::{decode_answer, encode_query, skip_name, NOERROR, NXDOMAIN};
 use sdn_tunnel_e2e::{
-    install, service_account_kubeconfig, start_agents, wait_mesh_connected_or_dump,
-    workspace_binary, FIELD_MANAGER, NAMESPACE,
+    connected_mesh, service_account_kubeconfig, workspace_binary, FIELD_MANAGER, NAMESPACE,
 };
 use sdn_tunnel_lab::server::tcp_request;
 use sdn_tunnel_lab::sys::in_netns;
-use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod};
-
-const A: u16 = 1;
-const NXDOMAIN: u8 = 3;
-const NOERROR: u8 = 0;
-
-/// A DNS query for `name` (type A, recursion desired).
-fn encode_query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(u8::try_from(label.len()).unwrap());
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&A.to_be_bytes());
-    q.extend_from_slice(&1u16.to_be_bytes());
-    q
-}
-
-fn skip_name(b: &[u8], mut i: usize) -> Result<usize> {
-    loop {
-        let len = *b.get(i).context("name past the end")?;
-        if len & 0xc0 == 0xc0 {
-            return Ok(i + 2);
-        }
-        if len == 0 {
-            return Ok(i + 1);
-        }
-        i += 1 + usize::from(len);
-    }
-}
-
-fn u16_at(b: &[u8], i: usize) -> Result<u16> {
-    Ok(u16::from_be_bytes([
-        *b.get(i).context("short")?,
-        *b.get(i + 1).context("short")?,
-    ]))
-}
-
-/// The id, rcode and A records of a response.
-fn decode_answer(b: &[u8]) -> Result<(u16, u8, BTreeSet<Ipv4Addr>)> {
-    if b.len() < 12 {
-        bail!("{} bytes: not a DNS message", b.len());
-    }
-    let id = u16_at(b, 0)?;
-    let rcode = b[3] & 0x0f;
-    let (qd, an) = (u16_at(b, 4)?, u16_at(b, 6)?);
-    let mut i = 12;
-    for _ in 0..qd {
-        i = skip_name(b, i)? + 4;
-    }
-    let mut ips = BTreeSet::new();
-    for _ in 0..an {
-        i = skip_name(b, i)?;
-        let rtype = u16_at(b, i)?;
-        let rdlen = usize::from(u16_at(b, i + 8)?);
-        let data = b
-            .get(i + 10..i + 10 + rdlen)
-            .context("rdata past the end")?;
-        if rtype == A && rdlen == 4 {
-            ips.insert(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
-        }
-        i += 10 + rdlen;
-    }
-    Ok((id, rcode, ips))
-}
+use sdn_tunnel_lab::{ready_endpoint, Identity, Lab, LabConfig, Pod};
 
 /// Sends `bytes` to `server` from inside `netns`; the answer, if any within 1 s.
 fn udp_exchange(netns: &str, server: SocketAddr, bytes: Vec<u8>) -> Result<Option<Vec<u8>>> {
@@ -120,7 +54,7 @@ fn udp_exchange(netns: &str, server: SocketAddr, bytes: Vec<u8>) -> Result<Optio
 fn resolve(netns: &str, server: SocketAddr, name: &str) -> Result<(u8, BTreeSet<Ipv4Addr>)> {
     let id = u16::try_from(Instant::now().elapsed().subsec_nanos() % 65_000).unwrap_or(7);
     for _ in 0..3 {
-        if let Some(answer) = udp_exchange(netns, server, encode_query(id, name))? {
+        if let Some(answer) = udp_exchange(netns, server, encode_query(id, name)?)? {
             let (rid, rcode, ips) = decode_answer(&answer)?;
             if rid != id {
                 bail!("answer id {rid}, query id {id}");
@@ -205,18 +139,7 @@ async fn add_headless(lab: &Lab, cluster: &str, namespace: &str, name: &str, pod
             ..Default::default()
         },
         address_type: "IPv4".into(),
-        endpoints: pods
-            .iter()
-            .map(|p| Endpoint {
-                addresses: vec![p.ip.to_string()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(true),
-                    serving: Some(true),
-                    terminating: Some(false),
-                }),
-                ..Default::default()
-            })
-            .collect(),
+        endpoints: pods.iter().map(|p| ready_endpoint(p)).collect(),
         ports: Some(vec![EndpointPort {
             name: Some("sql".into()),
             port: Some(5432),
@@ -284,12 +207,7 @@ fn wait_answered_by(netns: &str, addr: SocketAddr, who: &str, what: &str) {
 async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
     let mut cfg = LabConfig::new("e2edns");
     cfg.underlay_octet = 94;
-    let mut lab = Lab::up(cfg).await.expect("lab up");
-    let installed = install(&lab).await.expect("install");
-    let agents = start_agents(&mut lab, &installed).expect("agents");
-    wait_mesh_connected_or_dump(&lab, &agents, Duration::from_secs(90))
-        .await
-        .unwrap();
+    let (mut lab, _, agents) = connected_mesh(cfg, Duration::from_secs(90)).await.unwrap();
 
     // Services: `web` in both clusters, `only-west` in west, headless `db` in west.
     let east_web = lab.add_pod("east", 1, "east-web").unwrap();
@@ -434,7 +352,7 @@ async fn dns_serves_cluster_zones_and_follows_the_tunnel() {
 
     // Garbage does not stop the server.
     for junk in [vec![1u8, 2, 3], vec![0xff; 40], {
-        let mut v = encode_query(9, "web.demo.svc.cluster.west");
+        let mut v = encode_query(9, "web.demo.svc.cluster.west").unwrap();
         v.truncate(20);
         v
     }] {

@@ -13,7 +13,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use sdn_tunnel_api::{PeerState, TunnelPeer, TunnelPeerSpec};
 use sdn_tunnel_e2e::{
-    install, start_agent, start_agents, tunnel_peers, wait_mesh_connected, FIELD_MANAGER, NAMESPACE,
+    connected_mesh, start_agent, tunnel_peers, wait_mesh_connected, FIELD_MANAGER, NAMESPACE,
 };
 use sdn_tunnel_lab::server::tcp_request;
 use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod, POD_SERVER_PORT};
@@ -79,12 +79,7 @@ fn hostile(name: &str, key: &str, cidr: &str) -> TunnelPeer {
 async fn restart_outage_hostile_peers_and_node_churn() {
     let mut cfg = LabConfig::new("e2eops");
     cfg.underlay_octet = 92;
-    let mut lab = Lab::up(cfg).await.expect("lab up");
-    let installed = install(&lab).await.expect("install");
-    start_agents(&mut lab, &installed).expect("agents");
-    wait_mesh_connected(&lab, Duration::from_secs(60))
-        .await
-        .expect("mesh");
+    let (mut lab, installed, _) = connected_mesh(cfg, Duration::from_secs(60)).await.unwrap();
     for c in ["east", "west"] {
         lab.add_pod(c, 1, "web-1").unwrap();
         lab.add_pod(c, 2, "web-2").unwrap();

@@ -11,9 +11,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sdn_tunnel_e2e::{install, start_agents, wait_mesh_connected};
+use sdn_tunnel_e2e::connected_mesh;
 use sdn_tunnel_lab::server::{bulk_download, bulk_upload};
-use sdn_tunnel_lab::{sys, Lab, LabConfig, POD_BULK_PORT};
+use sdn_tunnel_lab::{sys, LabConfig, POD_BULK_PORT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_tcp_crosses_a_1400_byte_underlay() {
@@ -21,12 +21,7 @@ async fn bulk_tcp_crosses_a_1400_byte_underlay() {
     cfg.underlay_octet = 91;
     cfg.underlay_mtu = 1400;
     cfg.nodes_per_cluster = 1;
-    let mut lab = Lab::up(cfg).await.expect("lab up");
-    let installed = install(&lab).await.expect("install");
-    start_agents(&mut lab, &installed).expect("agents");
-    wait_mesh_connected(&lab, Duration::from_secs(60))
-        .await
-        .expect("mesh");
+    let (mut lab, _, _) = connected_mesh(cfg, Duration::from_secs(60)).await.unwrap();
     let east = lab.add_pod("east", 1, "bulk").unwrap();
     let west = lab.add_pod("west", 1, "bulk").unwrap();
 

@@ -18,10 +18,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use sdn_tunnel_e2e::{install, start_agents, wait_mesh_connected_or_dump, FIELD_MANAGER};
+use sdn_tunnel_e2e::{connected_mesh, FIELD_MANAGER};
 use sdn_tunnel_lab::server::{tcp_request, udp_request};
 use sdn_tunnel_lab::sys::in_netns;
-use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod, POD_SERVER_PORT};
+use sdn_tunnel_lab::{Identity, LabConfig, Pod, POD_SERVER_PORT};
 
 const NS: &str = "demo";
 const PORT: u16 = 80;
@@ -240,12 +240,7 @@ fn plain_log(path: &std::path::Path) -> String {
 async fn remote_cluster_ips_reach_ready_endpoints_only() {
     let mut cfg = LabConfig::new("e2esvc");
     cfg.underlay_octet = 93;
-    let mut lab = Lab::up(cfg).await.expect("lab up");
-    let installed = install(&lab).await.expect("install");
-    let agents = start_agents(&mut lab, &installed).expect("agents");
-    wait_mesh_connected_or_dump(&lab, &agents, Duration::from_secs(90))
-        .await
-        .unwrap();
+    let (mut lab, _, agents) = connected_mesh(cfg, Duration::from_secs(90)).await.unwrap();
     let east_agents: Vec<Pod> = agents
         .iter()
         .filter(|a| a.cluster == "east")

@@ -662,19 +662,7 @@ impl Lab {
                 ..Default::default()
             },
             address_type: "IPv4".into(),
-            endpoints: backends
-                .iter()
-                .map(|p| Endpoint {
-                    addresses: vec![p.ip.to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        serving: Some(true),
-                        terminating: Some(false),
-                    }),
-                    node_name: Some(p.node.clone()),
-                    ..Default::default()
-                })
-                .collect(),
+            endpoints: backends.iter().map(|p| ready_endpoint(p)).collect(),
             ports: Some(
                 ports
                     .iter()
@@ -816,6 +804,21 @@ pub fn teardown(cfg: &LabConfig) -> Result<TeardownReport> {
 /// Path of the `lab` binary (it also runs the pods' servers):
 /// `$SDN_TUNNEL_LAB_BIN`, this executable if it is `lab`, or the `lab` next
 /// to it or one directory up (where cargo puts it for test binaries).
+/// The EndpointSlice entry of a ready, serving pod, as the endpointslice
+/// controller writes it.
+pub fn ready_endpoint(pod: &Pod) -> Endpoint {
+    Endpoint {
+        addresses: vec![pod.ip.to_string()],
+        conditions: Some(EndpointConditions {
+            ready: Some(true),
+            serving: Some(true),
+            terminating: Some(false),
+        }),
+        node_name: Some(pod.node.clone()),
+        ..Default::default()
+    }
+}
+
 pub fn lab_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SDN_TUNNEL_LAB_BIN") {
         return Ok(PathBuf::from(p));
