@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver from Debian bookworm's `kubernetes` source package and
-# installs the lab's other prerequisites (etcd, openssl, iproute2, ...).
+# Builds kube-apiserver, and the real-node components of the kubelet lab
+# (kubelet, kube-proxy, kube-controller-manager, kube-scheduler), in one pass
+# from Debian bookworm's `kubernetes` source package, and installs the lab's
+# other prerequisites (etcd, openssl, iproute2, ...).
 #
-# Idempotent and cached by source version: the binary lands in
-#   ${SDN_TUNNEL_CACHE:-~/.cache/sdn-tunnel}/kube-apiserver-<debian version>/kube-apiserver
-# and a second run only prints its path. Prints the binary path on stdout's
-# last line.
+# Idempotent and cached by source version: the binaries land in
+#   ${SDN_TUNNEL_CACHE:-~/.cache/sdn-tunnel}/kube-apiserver-<debian version>/
+# and a second run only prints the apiserver's path. Prints the kube-apiserver
+# path on stdout's last line (the others are beside it).
 set -euo pipefail
 
 CACHE=${SDN_TUNNEL_CACHE:-$HOME/.cache/sdn-tunnel}
@@ -48,10 +50,16 @@ need_root
 # Runtime prerequisites of the lab, needed even when the binary is cached.
 apt_install etcd-server openssl iproute2 nftables procps psmisc curl ca-certificates iptables
 
+COMPONENTS="kube-apiserver kubelet kube-proxy kube-controller-manager kube-scheduler"
+all_built() {
+    local c
+    for c in $COMPONENTS; do [ -x "$1/$c" ] || return 1; done
+}
+
 VERSION_FILE=$CACHE/.kubernetes-source-version
 if [ -f "$VERSION_FILE" ]; then
     ver=$(cat "$VERSION_FILE")
-    if [ -x "$CACHE/kube-apiserver-$ver/kube-apiserver" ]; then
+    if all_built "$CACHE/kube-apiserver-$ver"; then
         echo "$CACHE/kube-apiserver-$ver/kube-apiserver"
         exit 0
     fi
@@ -66,10 +74,10 @@ cd "$CACHE/src"
 ver=$(apt-cache showsrc kubernetes | sed -n 's/^Version: //p' | sort -V | tail -n1)
 [ -n "$ver" ] || { log "apt-cache showsrc kubernetes found no version (deb-src enabled?)"; exit 1; }
 out=$CACHE/kube-apiserver-$ver
-if [ -x "$out/kube-apiserver" ]; then
+if all_built "$out"; then
     echo "$ver" > "$VERSION_FILE"; echo "$out/kube-apiserver"; exit 0
 fi
-log "building kube-apiserver from Debian source kubernetes $ver (about 10 minutes on 2 cores)"
+log "building $COMPONENTS from Debian source kubernetes $ver (about 20 minutes on 2 cores)"
 upstream=${ver#*:}; upstream=${upstream%-*}
 orig=$(ls kubernetes_"$upstream".orig.tar.* 2>/dev/null | head -n1 || true)
 if [ -z "$orig" ]; then
@@ -87,12 +95,17 @@ rm -f "$work"/vendor/github.com/modern-go/reflect2/*.go "$work"/vendor/github.co
 cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go \
    /usr/share/gocode/src/github.com/modern-go/reflect2/*.s \
    "$work/vendor/github.com/modern-go/reflect2/"
-(cd "$work" && GOPROXY=off GOFLAGS= CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2)
-bin=$(find "$work/_output" -type f -name kube-apiserver -perm -u+x | head -n1)
-[ -n "$bin" ] || { log "build finished but no kube-apiserver binary found"; exit 1; }
+what=""
+for c in $COMPONENTS; do what="$what cmd/$c"; done
+# One make shares the package compile between the five commands.
+(cd "$work" && GOPROXY=off GOFLAGS= CGO_ENABLED=0 make WHAT="${what# }" >&2)
 mkdir -p "$out"
-cp "$bin" "$out/kube-apiserver.tmp" && mv "$out/kube-apiserver.tmp" "$out/kube-apiserver"
+for c in $COMPONENTS; do
+    bin=$(find "$work/_output" -type f -name "$c" -perm -u+x | head -n1)
+    [ -n "$bin" ] || { log "build finished but no $c binary found"; exit 1; }
+    cp "$bin" "$out/$c.tmp" && mv "$out/$c.tmp" "$out/$c"
+done
 echo "$ver" > "$VERSION_FILE"
 rm -rf "$work"   # 1.3 GB of build tree; the orig tarball stays for a rebuild
-log "built $out/kube-apiserver"
+log "built $COMPONENTS in $out"
 echo "$out/kube-apiserver"
