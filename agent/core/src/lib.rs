@@ -16,6 +16,7 @@
 pub mod cidr;
 pub mod desired;
 pub mod dns;
+pub mod engine;
 pub mod evaluate;
 pub mod mesh;
 pub mod services;
@@ -35,6 +36,8 @@ pub use mesh::{
 mod fixtures;
 #[cfg(test)]
 mod tests_desired;
+#[cfg(test)]
+mod tests_engine;
 #[cfg(test)]
 mod tests_mesh;
 #[cfg(test)]
