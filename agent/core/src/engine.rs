@@ -26,8 +26,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
 use sdn_tunnel_api::{
     TunnelCluster, TunnelClusterSpec, TunnelClusterStatus, TunnelPeer, TunnelPeerSpec,
     TunnelPeerStatus,
@@ -214,12 +214,7 @@ fn same_declarations(a: &[TunnelCluster], b: &[TunnelCluster]) -> bool {
 /// `TunnelPeer`s compare by source, identity and spec (status ignored).
 fn same_peers(a: &[(String, TunnelPeer)], b: &[(String, TunnelPeer)]) -> bool {
     fn key(p: &(String, TunnelPeer)) -> (&str, &Option<String>, &Option<String>, &TunnelPeerSpec) {
-        (
-            &p.0,
-            &p.1.metadata.namespace,
-            &p.1.metadata.name,
-            &p.1.spec,
-        )
+        (&p.0, &p.1.metadata.namespace, &p.1.metadata.name, &p.1.spec)
     }
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| key(x) == key(y))
 }
@@ -230,7 +225,16 @@ fn material(s: &TunnelPeerStatus) -> impl PartialEq + '_ {
     let peers: Vec<_> = s
         .peers
         .iter()
-        .map(|p| (&p.cluster, &p.node, &p.public_key, &p.endpoint, &p.state, &p.reason))
+        .map(|p| {
+            (
+                &p.cluster,
+                &p.node,
+                &p.public_key,
+                &p.endpoint,
+                &p.state,
+                &p.reason,
+            )
+        })
         .collect();
     let conditions: Vec<_> = s.conditions.iter().map(condition_key).collect();
     (peers, conditions)

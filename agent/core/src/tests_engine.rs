@@ -29,7 +29,9 @@ fn engine(mode: Mode) -> Engine {
 }
 
 fn sourced(ps: Vec<TunnelPeer>) -> Vec<(String, TunnelPeer)> {
-    ps.into_iter().map(|p| (p.spec.cluster.clone(), p)).collect()
+    ps.into_iter()
+        .map(|p| (p.spec.cluster.clone(), p))
+        .collect()
 }
 
 /// The data path as a fake driver: peers by key, routes, proxy, and the
@@ -85,7 +87,10 @@ impl FakeDataPath {
             applied.proxy = Some(Ok(()));
         }
         let follow = e.handle(Event::Applied(applied));
-        assert!(!follow.touches_data_path(), "a report plans nothing by itself");
+        assert!(
+            !follow.touches_data_path(),
+            "a report plans nothing by itself"
+        );
         notices.extend(follow.notices);
         notices
     }
@@ -132,7 +137,10 @@ fn first_inputs_program_every_peer_route_and_the_proxy() {
 #[test]
 fn nothing_is_decided_before_the_own_peer_and_declarations_are_known() {
     let mut e = engine(Mode::Crd);
-    assert_eq!(e.handle(Event::RemotePeers(sourced(peers()))), Plan::default());
+    assert_eq!(
+        e.handle(Event::RemotePeers(sourced(peers()))),
+        Plan::default()
+    );
     assert_eq!(e.handle(Event::Declarations(clusters())), Plan::default());
     let plan = e.handle(Event::LocalPeer(local_peer()));
     assert_eq!(plan.peers.upsert.len(), 3);
@@ -252,9 +260,13 @@ fn failures_are_retried_at_the_next_repair() {
     assert!(notices
         .iter()
         .any(|n| matches!(n, Notice::PeerFailed { public_key, .. } if *public_key == key(2))));
-    assert!(notices
-        .iter()
-        .any(|n| matches!(n, Notice::ApplyFailed { what: "routes and nftables", .. })));
+    assert!(notices.iter().any(|n| matches!(
+        n,
+        Notice::ApplyFailed {
+            what: "routes and nftables",
+            ..
+        }
+    )));
     assert!(!e.converged());
     dp.refuse.clear();
     let plan = e.handle(Event::Repair);
@@ -351,10 +363,7 @@ fn status_is_written_on_change_and_at_the_heartbeat_not_for_counters() {
     // (the heartbeat counts from the last write).
     assert_eq!(secs, vec![0, 10, 20, 30, 35, 45, 55]);
     let at35 = &writes[4].1;
-    assert!(at35
-        .peers
-        .iter()
-        .all(|p| p.state == PeerState::Connected));
+    assert!(at35.peers.iter().all(|p| p.state == PeerState::Connected));
     // A state change between heartbeats is written at once.
     let plan = e.handle(tick(at(52), &[1], 0));
     assert!(plan.status.is_some(), "two peers lost: written at once");
@@ -367,10 +376,17 @@ fn cluster_statuses_only_from_the_writer_and_on_change() {
         Event::StatusTick(i) => i,
         _ => unreachable!(),
     };
-    assert!(e.handle(Event::StatusTick(inputs.clone())).cluster_statuses.is_empty());
+    assert!(e
+        .handle(Event::StatusTick(inputs.clone()))
+        .cluster_statuses
+        .is_empty());
     inputs.writes_cluster_status = true;
     let plan = e.handle(Event::StatusTick(inputs));
-    let names: Vec<&str> = plan.cluster_statuses.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = plan
+        .cluster_statuses
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(names, vec!["west", "north"]);
 }
 
@@ -430,7 +446,11 @@ fn churn_of_a_thousand_peers_costs_operations_in_proportion_to_the_change() {
     let many = |gen: u32| -> Vec<TunnelPeer> {
         (0..1000u32)
             .map(|i| {
-                let k = if i < 100 { 10_000 * gen + i } else { 100_000 + i };
+                let k = if i < 100 {
+                    10_000 * gen + i
+                } else {
+                    100_000 + i
+                };
                 peer(
                     "west",
                     &format!("w{i}"),

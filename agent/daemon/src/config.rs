@@ -67,9 +67,17 @@ pub struct AgentConfig {
     #[arg(long, env = "SDN_TUNNEL_METRICS_ADDR", default_value = "0.0.0.0:9586")]
     pub metrics_addr: SocketAddr,
 
-    /// How often the agent writes its TunnelPeer status.
+    /// How often the agent looks at its peers for its TunnelPeer status: a
+    /// change of a peer's state, a refusal or a condition is written at the
+    /// next look.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub status_interval: Duration,
+
+    /// Longest time between two status writes when nothing changed but the
+    /// counters (default: twice `--status-interval`). Readers judge liveness
+    /// by the status' age: keep it below the DNS server's `--status-max-age`.
+    #[arg(long, value_parser = parse_duration)]
+    pub status_heartbeat: Option<Duration>,
 
     /// Take the peers from this file (`[Peer]` sections in `wg setconf`
     /// format) instead of the TunnelPeer CRDs: no Kubernetes API is used.
@@ -83,6 +91,13 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The status heartbeat: as set, or twice the status interval.
+    pub fn status_heartbeat(&self) -> Duration {
+        self.status_heartbeat
+            .unwrap_or(self.status_interval.saturating_mul(2))
+            .max(self.status_interval)
+    }
+
     /// The keepalive as WireGuard takes it.
     pub fn keepalive(&self) -> Option<u16> {
         (self.keepalive_secs > 0).then_some(self.keepalive_secs)

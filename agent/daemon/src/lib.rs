@@ -8,6 +8,7 @@ pub mod control;
 pub mod dns;
 pub mod drivers;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod standalone;
 pub mod static_peers;

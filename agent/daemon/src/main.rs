@@ -49,8 +49,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(sdn_tunnel_agent::dns::quiet_hickory(
+        .with_env_filter(sdn_tunnel_agent::logging::quiet_dependencies(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            &std::env::var("RUST_LOG").unwrap_or_default(),
         ))
         .with_writer(std::io::stderr)
         .init();
