@@ -5,6 +5,9 @@
 //! one with `ip addr`), binds the UDP socket, serves UAPI (read and write)
 //! and, when asked, `/healthz` + `/metrics`. Runs until SIGINT/SIGTERM,
 //! always in the foreground.
+//!
+//! [`Standalone`] is the device control behind the socket: UAPI's view of
+//! the tunnel (key, port, mark, peers) and how a `set` is applied to it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,12 +18,12 @@ use clap::Args;
 use sdn_tunnel_datapath::device::{Device, DeviceConfig};
 use sdn_tunnel_datapath::io::tun::{Tun, TunOptions};
 use sdn_tunnel_datapath::keys::PrivateKey;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::health;
 use crate::metrics::Metrics;
-use crate::tunnel::{bind_udp, Tunnel};
-use crate::uapi::{self, Standalone, Target};
+use crate::tunnel::{self, bind_udp, Tunnel};
+use crate::uapi::{self, get_from_view, plan, Config, Configurable, SetRequest, Target, UapiError};
 
 /// Flags of `tunnel-agent wg`.
 #[derive(Debug, Clone, Args)]
@@ -210,6 +213,135 @@ fn load_key(path: Option<&Path>) -> Result<PrivateKey> {
         Some(p) => PrivateKey::load(p).with_context(|| format!("private key {}", p.display())),
         None => Ok(PrivateKey::generate()),
     }
+}
+
+/// The state UAPI keeps beside a standalone tunnel.
+pub struct Standalone {
+    /// `None` only after a failed listen port change stopped it.
+    tunnel: Option<Tunnel>,
+    private_key: Option<PrivateKey>,
+    fwmark: u32,
+    /// Address the UDP socket binds to when `listen_port` changes.
+    bind_ip: IpAddr,
+}
+
+impl Standalone {
+    /// UAPI's view of `tunnel`, which runs with `private_key` and whose
+    /// socket is bound to `bind_ip`.
+    pub fn new(tunnel: Tunnel, private_key: PrivateKey, bind_ip: IpAddr) -> Standalone {
+        Standalone {
+            tunnel: Some(tunnel),
+            private_key: Some(private_key),
+            fwmark: 0,
+            bind_ip,
+        }
+    }
+
+    /// The running tunnel.
+    pub fn tunnel(&self) -> Result<&Tunnel, UapiError> {
+        self.tunnel
+            .as_ref()
+            .ok_or_else(|| UapiError::Io("the tunnel stopped during a listen port change".into()))
+    }
+
+    /// Moves the tunnel to a socket on `port`: the device (peers,
+    /// sessions) and the TUN are kept.
+    fn rebind(&mut self, port: u16) -> Result<(), UapiError> {
+        let addr = SocketAddr::new(self.bind_ip, port);
+        let udp = tunnel::bind_udp(addr, None)
+            .map_err(|e| UapiError::PortInUse(format!("listen_port {port}: {e}")))?;
+        let Some(old) = self.tunnel.take() else {
+            return Err(UapiError::Io("no tunnel".into()));
+        };
+        let (device, tun) = old.into_parts().map_err(|e| {
+            warn!(error = %e, "listen port change failed: the tunnel is stopped");
+            UapiError::Io(e.to_string())
+        })?;
+        let t = Tunnel::start(device, tun, udp).map_err(|e| UapiError::Io(e.to_string()))?;
+        if self.fwmark != 0 {
+            set_mark(&t, self.fwmark)?;
+        }
+        self.tunnel = Some(t);
+        Ok(())
+    }
+
+    fn current(&self) -> Result<Config, UapiError> {
+        let tunnel = self.tunnel()?;
+        Ok(tunnel.with_device_mut(|dev| Config {
+            private_key: self.private_key.clone(),
+            listen_port: tunnel.local_addr().port(),
+            fwmark: self.fwmark,
+            peers: dev
+                .stats()
+                .iter()
+                .filter_map(|s| dev.peer_config(&s.public_key))
+                .map(|p| (p.public_key, p))
+                .collect(),
+        }))
+    }
+}
+
+impl Configurable for Standalone {
+    fn get(&self) -> Result<String, UapiError> {
+        Ok(get_from_view(
+            &self.tunnel()?.view(),
+            self.private_key.as_ref(),
+            self.fwmark,
+        ))
+    }
+
+    /// Applies a parsed set: validated whole first, then the port, the
+    /// mark, the key and the peers.
+    fn set(&mut self, req: &SetRequest) -> Result<(), UapiError> {
+        let old = self.current()?;
+        let new = old.apply(req);
+        let plan = plan(&old, &new);
+        if let Some(None) = plan.private_key {
+            return Err(UapiError::Invalid(
+                "clearing the private key is not supported (set another one)".into(),
+            ));
+        }
+        if let Some(port) = plan.listen_port {
+            self.rebind(port)?;
+            info!(listen = %self.tunnel()?.local_addr(), "UAPI: listen port changed");
+        }
+        if let Some(mark) = plan.fwmark {
+            set_mark(self.tunnel()?, mark)?;
+            self.fwmark = mark;
+            info!(fwmark = mark, "UAPI: fwmark set");
+        }
+        let mut private_key = self.private_key.clone();
+        let tunnel = self.tunnel()?;
+        tunnel.with_device_mut(|dev| -> Result<(), UapiError> {
+            if let Some(Some(k)) = &plan.private_key {
+                dev.set_private_key(k);
+                private_key = Some(k.clone());
+                info!(public_key = %k.public_key().to_base64(), "UAPI: private key set");
+            }
+            for k in &plan.removed {
+                dev.remove_peer(k);
+                info!(peer = %k.to_base64(), "UAPI: peer removed");
+            }
+            for p in &plan.upserts {
+                let change = dev
+                    .set_peer(p.clone())
+                    .map_err(|e| UapiError::Invalid(e.to_string()))?;
+                info!(peer = %p.public_key.to_base64(), ?change, endpoint = ?p.endpoint,
+                      allowed_ips = ?p.allowed_ips, "UAPI: peer configured");
+            }
+            Ok(())
+        })?;
+        for k in &plan.keepalive_on {
+            tunnel.initiate_handshake(k);
+        }
+        self.private_key = private_key;
+        Ok(())
+    }
+}
+
+fn set_mark(tunnel: &Tunnel, mark: u32) -> Result<(), UapiError> {
+    nix::sys::socket::setsockopt(tunnel.udp_socket(), nix::sys::socket::sockopt::Mark, &mark)
+        .map_err(|e| UapiError::PortInUse(format!("fwmark {mark}: {e}")))
 }
 
 /// Runs the standalone tunnel until SIGINT/SIGTERM.
