@@ -13,3 +13,4 @@ pub mod standalone;
 pub mod static_peers;
 pub mod tunnel;
 pub mod uapi;
+pub mod wgconf;

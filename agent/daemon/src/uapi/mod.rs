@@ -13,7 +13,7 @@
 //!
 //! [`serve_connection`] runs the protocol on any stream for a [`Handler`];
 //! [`Server`] listens on the unix socket and drives a [`Configurable`]
-//! tunnel (read and write, standalone mode: [`crate::standalone::Standalone`])
+//! tunnel (read and write, standalone mode: `standalone::Standalone`)
 //! or a running tunnel found by interface name
 //! (read only, under `tunnel-agent run`, where the control plane owns the
 //! peers: a `set` there would be undone at the next reconcile, so it is

@@ -1,6 +1,6 @@
 //! The UAPI socket server: `<dir>/<interface>.sock`, one thread per
 //! connection, driving a [`Target`] — a tunnel UAPI configures (standalone
-//! mode, see [`crate::standalone`]) or a running tunnel found by interface
+//! mode, the `standalone` module) or a running tunnel found by interface
 //! name, read only.
 
 use std::io;
