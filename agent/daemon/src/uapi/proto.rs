@@ -195,38 +195,20 @@ pub fn serve_connection<S: io::Read + Write>(
 
 /// A 32-byte key in lowercase hex, as UAPI carries keys.
 pub fn to_hex(key: &[u8; 32]) -> String {
-    let mut s = String::with_capacity(64);
-    for b in key {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    hex::encode(key)
 }
 
 /// Parses 64 hex digits (either case) into a key.
 pub fn from_hex(text: &str) -> Result<[u8; 32], UapiError> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 64 {
+    if text.len() != 64 {
         return Err(invalid(format!(
             "key must be 64 hex digits, got {}",
-            bytes.len()
+            text.len()
         )));
     }
     let mut key = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let hi = hex_digit(pair[0])?;
-        let lo = hex_digit(pair[1])?;
-        key[i] = hi << 4 | lo;
-    }
+    hex::decode_to_slice(text, &mut key).map_err(|_| invalid("key has a non-hex digit"))?;
     Ok(key)
-}
-
-fn hex_digit(c: u8) -> Result<u8, UapiError> {
-    match c {
-        b'0'..=b'9' => Ok(c - b'0'),
-        b'a'..=b'f' => Ok(c - b'a' + 10),
-        b'A'..=b'F' => Ok(c - b'A' + 10),
-        _ => Err(invalid("key has a non-hex digit")),
-    }
 }
 
 pub(super) fn private_from_bytes(bytes: &[u8; 32]) -> Result<PrivateKey, UapiError> {
