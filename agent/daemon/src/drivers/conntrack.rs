@@ -1,36 +1,36 @@
 //! Deleting conntrack entries over ctnetlink (`NETLINK_NETFILTER`): a dump,
-//! a filter, and one delete per entry. Plain netlink messages, built and
-//! parsed here; see `linux/netfilter/nfnetlink_conntrack.h`.
+//! a filter, and one delete per entry.
+//!
+//! The messages are `netlink-packet-netfilter`'s (the dump request, the
+//! entries with their tuples, the delete by original tuple) in
+//! `netlink-packet-core`'s framing. That crate carries no socket, and the
+//! `conntrack` crate (the other candidate) can only dump, not delete: the
+//! socket, the sequence numbers and the wait for `DONE` or the ACK are
+//! here, over `nix`.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::conntrack::{
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Tuple as CtTuple,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
 use nix::sys::socket::{
     bind, recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
     SockProtocol, SockType,
 };
 use nix::sys::time::TimeVal;
-
 use sdn_tunnel_core::services::{Frontend, Protocol};
+use tracing::debug;
 
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
-const IPCTNL_MSG_CT_NEW: u16 = 0;
-const IPCTNL_MSG_CT_GET: u16 = 1;
-const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_REPLY: u16 = 2;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_PROTO_NUM: u16 = 1;
-const CTA_PROTO_SRC_PORT: u16 = 2;
-const CTA_PROTO_DST_PORT: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
+/// Length of `struct nlmsghdr`.
+const NLMSG_HDRLEN: usize = 16;
 
 /// One direction of a conntrack entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,63 +46,26 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// The attributes in `buf`: (type without flags, payload).
-pub fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            break;
-        }
-        out.push((ty, &buf[4..len]));
-        buf = &buf[align4(len).min(buf.len())..];
-    }
-    out
-}
-
-fn ip(payload: &[u8]) -> Option<IpAddr> {
-    match payload.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::new(
-            payload[0], payload[1], payload[2], payload[3],
-        ))),
-        16 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(payload);
-            Some(IpAddr::V6(Ipv6Addr::from(a)))
-        }
-        _ => None,
-    }
-}
-
-fn be16(p: &[u8]) -> u16 {
-    if p.len() >= 2 {
-        u16::from_be_bytes([p[0], p[1]])
-    } else {
-        0
-    }
-}
-
-/// Parses the payload of a `CTA_TUPLE_*` attribute.
-pub fn tuple(payload: &[u8]) -> Tuple {
+/// The addresses, protocol and ports of a `CTA_TUPLE_*` attribute.
+pub fn tuple(parts: &[CtTuple]) -> Tuple {
     let mut t = Tuple::default();
-    for (ty, p) in attrs(payload) {
-        match ty {
-            CTA_TUPLE_IP => {
-                for (k, v) in attrs(p) {
-                    match k {
-                        1 | 3 => t.src = ip(v),
-                        2 | 4 => t.dst = ip(v),
+    for part in parts {
+        match part {
+            CtTuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => t.src = Some(*a),
+                        IPTuple::DestinationAddress(a) => t.dst = Some(*a),
                         _ => {}
                     }
                 }
             }
-            CTA_TUPLE_PROTO => {
-                for (k, v) in attrs(p) {
-                    match k {
-                        CTA_PROTO_NUM => t.proto = v.first().copied().unwrap_or(0),
-                        CTA_PROTO_SRC_PORT => t.sport = be16(v),
-                        CTA_PROTO_DST_PORT => t.dport = be16(v),
+            CtTuple::Proto(fields) => {
+                for f in fields {
+                    match f {
+                        ProtoTuple::Protocol(p) => t.proto = u8::from(*p),
+                        ProtoTuple::SourcePort(p) => t.sport = *p,
+                        ProtoTuple::DestinationPort(p) => t.dport = *p,
                         _ => {}
                     }
                 }
@@ -111,6 +74,21 @@ pub fn tuple(payload: &[u8]) -> Tuple {
         }
     }
     t
+}
+
+/// The original and reply tuples of an entry, and the original tuple's
+/// attribute as the kernel sent it (what a delete names the entry by).
+pub fn entry(attrs: Vec<ConntrackAttribute>) -> Option<(Tuple, Tuple, Vec<CtTuple>)> {
+    let mut orig = None;
+    let mut reply = Tuple::default();
+    for a in attrs {
+        match a {
+            ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
+            ConntrackAttribute::CtaTupleReply(t) => reply = tuple(&t),
+            _ => {}
+        }
+    }
+    orig.map(|raw| (tuple(&raw), reply, raw))
 }
 
 fn proto_num(p: Protocol) -> u8 {
@@ -131,17 +109,22 @@ pub fn matches(orig: &Tuple, reply: &Tuple, f: &Frontend, e: &SocketAddr) -> boo
         && reply.sport == e.port()
 }
 
-fn message(ty: u16, flags: u16, family: u8, seq: u32, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | ty).to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[family, 0, 0, 0]);
-    m.extend_from_slice(attrs);
-    m
+/// A ctnetlink request, framed.
+fn request(family: NetfilterProtoFamily, msg: ConntrackMessage, flags: u16, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut m = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            msg,
+        )),
+    );
+    m.finalize();
+    let mut buf = vec![0u8; m.buffer_len()];
+    m.serialize(&mut buf);
+    buf
 }
 
 fn open() -> io::Result<OwnedFd> {
@@ -157,41 +140,46 @@ fn open() -> io::Result<OwnedFd> {
 }
 
 /// Reads replies to request `seq` until DONE (dump) or the ACK; calls
-/// `each` with every message's type and payload (after `nfgenmsg`).
-fn read_replies(fd: &OwnedFd, seq: u32, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+/// `each` with every conntrack message. An entry that does not parse is
+/// skipped.
+fn read_replies(fd: &OwnedFd, seq: u32, mut each: impl FnMut(ConntrackMessage)) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
         let mut rest = &buf[..n];
-        while rest.len() >= 16 {
+        while rest.len() >= NLMSG_HDRLEN {
             let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let ty = u16::from_ne_bytes([rest[4], rest[5]]);
-            let mseq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-            if len < 16 || len > rest.len() {
+            if len < NLMSG_HDRLEN || len > rest.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "bad netlink length",
                 ));
             }
-            let body = &rest[16..len];
+            let one = &rest[..len];
             rest = &rest[align4(len).min(rest.len())..];
-            if mseq != seq {
+            let msg = match NetlinkMessage::<NetfilterMessage>::deserialize(one) {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(error = %e, "unparsable ctnetlink message skipped");
+                    continue;
+                }
+            };
+            if msg.header.sequence_number != seq {
                 continue;
             }
-            match ty {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let code = body
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0);
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-code))
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => {
+                    return match e.code {
+                        None => Ok(()),
+                        Some(_) => Err(e.to_io()),
                     };
                 }
-                _ => each(ty & 0xff, body.get(4..).unwrap_or_default()),
+                NetlinkPayload::InnerMessage(NetfilterMessage {
+                    inner: NetfilterMessageInner::Conntrack(m),
+                    ..
+                }) => each(m),
+                _ => {}
             }
         }
     }
@@ -204,40 +192,28 @@ pub fn delete_flows(pairs: &[(Frontend, SocketAddr)]) -> io::Result<usize> {
         return Ok(0);
     }
     let fd = open()?;
-    let mut victims: Vec<(u8, Vec<u8>)> = Vec::new();
+    let mut victims: Vec<(NetfilterProtoFamily, Vec<CtTuple>)> = Vec::new();
     let mut seq = 1;
-    for (family, is_v4) in [(libc_af_inet(), true), (libc_af_inet6(), false)] {
+    for (family, is_v4) in [
+        (NetfilterProtoFamily::IPv4, true),
+        (NetfilterProtoFamily::IPv6, false),
+    ] {
         if !pairs.iter().any(|(f, _)| f.ip.is_ipv4() == is_v4) {
             continue;
         }
         seq += 1;
-        let req = message(
-            IPCTNL_MSG_CT_GET,
-            NLM_F_REQUEST | NLM_F_DUMP,
+        let req = request(
             family,
+            ConntrackMessage::Get(Vec::new()),
+            NLM_F_REQUEST | NLM_F_DUMP,
             seq,
-            &[],
         );
         send(fd.as_raw_fd(), &req, MsgFlags::empty())?;
-        read_replies(&fd, seq, |ty, payload| {
-            if ty != IPCTNL_MSG_CT_NEW {
+        read_replies(&fd, seq, |m| {
+            let ConntrackMessage::New(attrs) = m else {
                 return;
-            }
-            let mut orig_raw = None;
-            let (mut orig, mut reply) = (Tuple::default(), Tuple::default());
-            let mut at = 0;
-            for (t, p) in attrs(payload) {
-                // keep the raw original tuple attribute for the delete
-                let len = 4 + p.len();
-                if t == CTA_TUPLE_ORIG {
-                    orig = tuple(p);
-                    orig_raw = payload.get(at..at + len).map(<[u8]>::to_vec);
-                } else if t == CTA_TUPLE_REPLY {
-                    reply = tuple(p);
-                }
-                at += align4(len);
-            }
-            if let Some(raw) = orig_raw {
+            };
+            if let Some((orig, reply, raw)) = entry(attrs) {
                 if pairs.iter().any(|(f, e)| matches(&orig, &reply, f, e)) {
                     victims.push((family, raw));
                 }
@@ -247,15 +223,14 @@ pub fn delete_flows(pairs: &[(Frontend, SocketAddr)]) -> io::Result<usize> {
     let mut deleted = 0;
     for (family, raw) in victims {
         seq += 1;
-        let req = message(
-            IPCTNL_MSG_CT_DELETE,
-            NLM_F_REQUEST | NLM_F_ACK,
+        let req = request(
             family,
+            ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(raw)]),
+            NLM_F_REQUEST | NLM_F_ACK,
             seq,
-            &raw,
         );
         send(fd.as_raw_fd(), &req, MsgFlags::empty())?;
-        match read_replies(&fd, seq, |_, _| {}) {
+        match read_replies(&fd, seq, |_| {}) {
             Ok(()) => deleted += 1,
             // gone meanwhile (timed out, or deleted by someone else)
             Err(e) if e.raw_os_error() == Some(2) => {}
@@ -265,20 +240,16 @@ pub fn delete_flows(pairs: &[(Frontend, SocketAddr)]) -> io::Result<usize> {
     Ok(deleted)
 }
 
-fn libc_af_inet() -> u8 {
-    2
-}
-
-fn libc_af_inet6() -> u8 {
-    10
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use netlink_packet_core::ParseableParametrized;
     use sdn_tunnel_core::services::{Frontend, Protocol};
 
     use super::*;
+
+    /// ctnetlink's IPCTNL_MSG_CT_NEW in subsystem NFNL_SUBSYS_CTNETLINK.
+    const CT_NEW: u16 = 1 << 8;
 
     fn nla(ty: u16, payload: &[u8]) -> Vec<u8> {
         let len = u16::try_from(4 + payload.len()).unwrap();
@@ -293,14 +264,25 @@ mod tests {
 
     fn ct_tuple(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> Vec<u8> {
         let nested = 0x8000;
-        let ip = [nla(1, &src), nla(2, &dst)].concat();
+        let ip = [nla(1 | nested, &[nla(1, &src), nla(2, &dst)].concat())].concat();
         let pr = [
             nla(1, &[proto]),
             nla(2, &sport.to_be_bytes()),
             nla(3, &dport.to_be_bytes()),
         ]
         .concat();
-        [nla(1 | nested, &ip), nla(2 | nested, &pr)].concat()
+        [ip, nla(2 | nested, &pr)].concat()
+    }
+
+    /// An entry as the kernel sends it: nfgenmsg (AF_INET), then the
+    /// original and reply tuples.
+    fn kernel_entry(orig: Vec<u8>, reply: Vec<u8>) -> Vec<u8> {
+        [
+            vec![2, 0, 0, 0],
+            nla(1 | 0x8000, &orig),
+            nla(2 | 0x8000, &reply),
+        ]
+        .concat()
     }
 
     #[test]
@@ -308,14 +290,16 @@ mod tests {
         // client 10.1.1.7:40000 -> 10.102.0.10:53, DNATed to 10.2.1.5:5353
         let orig = ct_tuple([10, 1, 1, 7], [10, 102, 0, 10], 17, 40000, 53);
         let reply = ct_tuple([10, 2, 1, 5], [10, 1, 1, 7], 17, 5353, 40000);
-        let entry = [nla(1 | 0x8000, &orig), nla(2 | 0x8000, &reply)].concat();
-        let parsed = attrs(&entry);
-        assert_eq!(parsed.len(), 2);
-        let o = tuple(parsed[0].1);
-        let r = tuple(parsed[1].1);
+        let raw = kernel_entry(orig, reply);
+        let msg = NetfilterMessage::parse_with_param(&raw, CT_NEW).unwrap();
+        let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = msg.inner else {
+            panic!("not a conntrack entry: {msg:?}");
+        };
+        let (o, r, orig_attr) = entry(attrs).unwrap();
         assert_eq!(o.dst, Some("10.102.0.10".parse().unwrap()));
         assert_eq!((o.proto, o.sport, o.dport), (17, 40000, 53));
         assert_eq!(r.src, Some("10.2.1.5".parse().unwrap()));
+        assert_eq!(tuple(&orig_attr), o);
         let f = Frontend {
             ip: "10.102.0.10".parse().unwrap(),
             protocol: Protocol::Udp,
@@ -328,8 +312,44 @@ mod tests {
             ..f
         };
         assert!(!matches(&o, &r, &tcp, &"10.2.1.5:5353".parse().unwrap()));
-        // truncated input: no panic, nothing parsed past the damage
-        assert!(attrs(&entry[..3]).is_empty());
-        assert_eq!(attrs(&entry[..entry.len() - 4]).len(), 1);
+        // truncated input: no panic; an entry without its tuples matches nothing
+        for cut in 0..raw.len() {
+            if let Ok(m) = NetfilterMessage::parse_with_param(&raw[..cut], CT_NEW) {
+                if let NetfilterMessageInner::Conntrack(ConntrackMessage::New(a)) = m.inner {
+                    let _ = entry(a);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn requests_are_framed_with_their_sequence_and_flags() {
+        let t = vec![CtTuple::Proto(vec![ProtoTuple::Protocol(
+            netlink_packet_netfilter::conntrack::Protocol::Udp,
+        )])];
+        let raw = request(
+            NetfilterProtoFamily::IPv4,
+            ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(t.clone())]),
+            NLM_F_REQUEST | NLM_F_ACK,
+            7,
+        );
+        assert_eq!(
+            u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize,
+            raw.len()
+        );
+        // type: NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
+        assert_eq!(u16::from_ne_bytes([raw[4], raw[5]]), (1 << 8) | 2);
+        let back = NetlinkMessage::<NetfilterMessage>::deserialize(&raw).unwrap();
+        assert_eq!(back.header.sequence_number, 7);
+        assert_eq!(back.header.flags, NLM_F_REQUEST | NLM_F_ACK);
+        let NetlinkPayload::InnerMessage(m) = back.payload else {
+            panic!("no inner message");
+        };
+        assert_eq!(
+            m.inner,
+            NetfilterMessageInner::Conntrack(ConntrackMessage::Delete(vec![
+                ConntrackAttribute::CtaTupleOrig(t)
+            ]))
+        );
     }
 }
