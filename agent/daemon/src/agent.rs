@@ -32,6 +32,7 @@ use crate::drivers::netlink::{Route, RouteDriver, RouteEvents};
 use crate::drivers::netns::{set_rp_filter_loose, write_sysctl};
 use crate::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
 use crate::drivers::proxy::ProxyDriver;
+use crate::health::Readiness;
 use crate::static_peers;
 use crate::tunnel::{bind_udp, Tunnel, TunnelPeer};
 
@@ -51,21 +52,6 @@ pub fn tunnel_mtu(configured: Option<u16>) -> u32 {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(1500);
     underlay.saturating_sub(OVERHEAD_V4).max(1280)
-}
-
-/// Where the data path stands, for `/readyz`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Readiness {
-    pub local_synced: bool,
-    pub published: bool,
-    pub tunnel_up: bool,
-    pub last_apply_ok: bool,
-}
-
-impl Readiness {
-    pub fn ready(&self) -> bool {
-        self.local_synced && self.published && self.tunnel_up && self.last_apply_ok
-    }
 }
 
 /// Routes and nftables in the pod namespace and (when the agent has one)

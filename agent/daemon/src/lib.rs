@@ -14,3 +14,4 @@ pub mod standalone;
 pub mod static_peers;
 pub mod tunnel;
 pub mod uapi;
+pub mod wgconf;

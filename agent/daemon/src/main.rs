@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use sdn_tunnel_agent::agent::{self, Readiness};
+use sdn_tunnel_agent::agent;
 use sdn_tunnel_agent::config::AgentConfig;
-use sdn_tunnel_agent::health;
+use sdn_tunnel_agent::health::{self, Readiness};
 use sdn_tunnel_agent::metrics::Metrics;
 use sdn_tunnel_agent::standalone::{self, StandaloneConfig};
 use sdn_tunnel_agent::uapi;

@@ -26,9 +26,9 @@ use std::path::Path;
 use ipnet::IpNet;
 use sdn_tunnel_datapath::keys::PublicKey;
 
-use crate::standalone::{setconf_to_uapi, ConfError};
 use crate::tunnel::TunnelPeer;
 use crate::uapi::{self, PeerOp};
+use crate::wgconf::{setconf_to_uapi, ConfError};
 
 /// Why a static peer file was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
