@@ -14,10 +14,13 @@
 //! - [`proxy`]: the service proxy table (`inet sdn_tunnel_proxy`), rendered
 //!   as data and driven through `nft`;
 //! - [`conntrack`]: deleting the conntrack entries of UDP/SCTP flows bound to
-//!   endpoints that left a frontend.
+//!   endpoints that left a frontend;
+//! - [`plumbing`]: the above together for the agent's pod and node
+//!   namespaces, as the engine's plans ask.
 
 pub mod conntrack;
 pub mod netlink;
 pub mod netns;
 pub mod nftables;
+pub mod plumbing;
 pub mod proxy;
