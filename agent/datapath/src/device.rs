@@ -564,7 +564,10 @@ impl Device {
     }
 
     fn stats_of(&self, idx: u32, peer: &Peer) -> PeerStats {
-        let allowed_ips = self.prefixes_of(idx);
+        self.stats_with(peer, self.prefixes_of(idx))
+    }
+
+    fn stats_with(&self, peer: &Peer, allowed_ips: Vec<IpNet>) -> PeerStats {
         PeerStats {
             public_key: peer.public_key,
             endpoint: peer.endpoint,
@@ -618,10 +621,16 @@ impl Device {
     /// Snapshot of all peers, sorted by public key (stable output for
     /// status and `wg show`).
     pub fn stats(&self) -> Vec<PeerStats> {
+        // One walk of the allowed-IPs table for all peers (not one per
+        // peer): with a thousand peers this runs under the device lock.
+        let mut prefixes: HashMap<u32, Vec<IpNet>> = HashMap::with_capacity(self.peers.len());
+        for (net, owner) in self.allowed_ips.iter() {
+            prefixes.entry(*owner).or_default().push(net);
+        }
         let mut all: Vec<_> = self
             .peers
             .iter()
-            .map(|(idx, p)| self.stats_of(*idx, p))
+            .map(|(idx, p)| self.stats_with(p, prefixes.remove(idx).unwrap_or_default()))
             .collect();
         all.sort_by_key(|s| s.public_key);
         all
