@@ -458,9 +458,7 @@ mod tests {
 
     use super::*;
     use crate::fixtures::{cluster, peer};
-    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use proptest::prelude::*;
     use sdn_tunnel_api::{RemotePeerStatus, TunnelPeerStatus};
 
@@ -484,30 +482,8 @@ mod tests {
     }
 
     fn service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                type_: Some("ClusterIP".into()),
-                cluster_ip: Some(cluster_ip.into()),
-                ports: Some(
-                    ports
-                        .iter()
-                        .map(|(n, port, proto)| ServicePort {
-                            name: (!n.is_empty()).then(|| n.to_string()),
-                            port: *port,
-                            protocol: Some(proto.to_string()),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        let ports: Vec<(&str, &str, i32)> = ports.iter().map(|(n, p, t)| (*n, *t, *p)).collect();
+        crate::fixtures::service(ns, name, &[cluster_ip], &ports)
     }
 
     /// `(addresses, hostname, ready, terminating)`.
@@ -520,39 +496,15 @@ mod tests {
         ports: &[(&str, i32)],
         eps: &[Ep<'_>],
     ) -> EndpointSlice {
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(format!("{svc}-{family}")),
-                namespace: Some(ns.into()),
-                labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
-                ..Default::default()
-            },
-            address_type: family.into(),
-            endpoints: eps
-                .iter()
-                .map(|(addrs, host, ready, term)| Endpoint {
-                    addresses: addrs.iter().map(|s| s.to_string()).collect(),
-                    hostname: host.map(String::from),
-                    conditions: Some(EndpointConditions {
-                        ready: *ready,
-                        serving: None,
-                        terminating: *term,
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(n, p)| EndpointPort {
-                        name: Some(n.to_string()),
-                        port: Some(*p),
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-        }
+        let ports: Vec<(&str, &str, i32)> = ports.iter().map(|(n, p)| (*n, "TCP", *p)).collect();
+        let eps = eps
+            .iter()
+            .map(|(addrs, host, ready, term)| {
+                crate::fixtures::endpoint(addrs, *host, *ready, *term)
+            })
+            .collect();
+        let name = format!("{svc}-{family}");
+        crate::fixtures::endpoint_slice(ns, svc, &name, family, &ports, eps)
     }
 
     /// A TunnelPeer of `cluster` whose status, written `age` seconds ago,

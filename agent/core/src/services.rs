@@ -248,13 +248,10 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    use k8s_openapi::api::core::v1::{
-        ClientIPConfig, ServicePort, ServiceSpec, SessionAffinityConfig,
-    };
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+    use k8s_openapi::api::discovery::v1::Endpoint;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, ObjectMeta};
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
     use proptest::prelude::*;
 
     fn west() -> AcceptedCluster {
@@ -269,76 +266,14 @@ mod tests {
     }
 
     fn svc(ns: &str, name: &str, ip: &str, ports: &[(&str, &str, i32)]) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: Some(ip.into()),
-                cluster_ips: Some(vec![ip.into()]),
-                type_: Some("ClusterIP".into()),
-                ports: Some(
-                    ports
-                        .iter()
-                        .map(|(n, proto, port)| ServicePort {
-                            name: Some((*n).into()),
-                            protocol: Some((*proto).into()),
-                            port: *port,
-                            target_port: Some(IntOrString::String("http".into())),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        crate::fixtures::service(ns, name, &[ip], ports)
     }
 
     fn ep(ip: &str, ready: Option<bool>, terminating: Option<bool>) -> Endpoint {
-        Endpoint {
-            addresses: vec![ip.into()],
-            conditions: Some(EndpointConditions {
-                ready,
-                serving: ready,
-                terminating,
-            }),
-            ..Default::default()
-        }
+        crate::fixtures::endpoint(&[ip], None, ready, terminating)
     }
 
-    fn slice(
-        ns: &str,
-        svc: &str,
-        name: &str,
-        family: &str,
-        ports: &[(&str, &str, i32)],
-        endpoints: Vec<Endpoint>,
-    ) -> EndpointSlice {
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
-                ..Default::default()
-            },
-            address_type: family.into(),
-            endpoints,
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(n, proto, port)| EndpointPort {
-                        name: Some((*n).into()),
-                        protocol: Some((*proto).into()),
-                        port: Some(*port),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-        }
-    }
+    use crate::fixtures::endpoint_slice as slice;
 
     fn run(
         cluster: &AcceptedCluster,

@@ -5,11 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector, LabelSelectorRequirement, ObjectMeta,
-};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::jiff::Timestamp;
 use proptest::prelude::*;
 use sdn_tunnel_api::{ServiceSelector, TunnelCluster};
@@ -18,7 +16,7 @@ use crate::catalog::{
     is_dns_label, NamespaceLabels, SkipReason, MAX_PORTS, NAMESPACE_NAME_LABEL, SERVICE_NAME_LABEL,
 };
 use crate::dns::{dns_records, service_fqdn, ClusterObjects, DnsInput, DnsPolicy, RecordData};
-use crate::fixtures::cluster;
+use crate::fixtures::{cluster, endpoint, endpoint_slice, service};
 use crate::mesh::AcceptedCluster;
 use crate::services::{desired_proxy, ProxyState, RemoteServices};
 
@@ -45,81 +43,29 @@ fn declared(selector: Option<&ServiceSelector>) -> Vec<TunnelCluster> {
     ]
 }
 
-/// `(name, protocol, port)`.
-type P<'a> = (&'a str, &'a str, i32);
-
-fn svc(ns: &str, name: &str, ips: &[&str], ports: &[P<'_>]) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".into()),
-            cluster_ip: ips.first().map(|s| s.to_string()),
-            cluster_ips: Some(ips.iter().map(|s| s.to_string()).collect()),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(n, proto, port)| ServicePort {
-                        name: (!n.is_empty()).then(|| n.to_string()),
-                        protocol: Some(proto.to_string()),
-                        port: *port,
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// `(addresses, hostname, ready, terminating)`.
 type Ep = (Vec<String>, Option<String>, Option<bool>, Option<bool>);
+
+fn svc(ns: &str, name: &str, ips: &[&str], ports: &[(&str, &str, i32)]) -> Service {
+    service(ns, name, ips, ports)
+}
 
 fn slice(
     ns: &str,
     svc: &str,
     name: &str,
     family: &str,
-    ports: &[P<'_>],
+    ports: &[(&str, &str, i32)],
     eps: &[Ep],
 ) -> EndpointSlice {
-    EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
-            ..Default::default()
-        },
-        address_type: family.into(),
-        endpoints: eps
-            .iter()
-            .map(|(addrs, host, ready, term)| Endpoint {
-                addresses: addrs.clone(),
-                hostname: host.clone(),
-                conditions: Some(EndpointConditions {
-                    ready: *ready,
-                    serving: None,
-                    terminating: *term,
-                }),
-                ..Default::default()
-            })
-            .collect(),
-        ports: Some(
-            ports
-                .iter()
-                .map(|(n, proto, port)| EndpointPort {
-                    name: Some(n.to_string()),
-                    protocol: Some(proto.to_string()),
-                    port: Some(*port),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-    }
+    let eps = eps
+        .iter()
+        .map(|(addrs, host, ready, term)| {
+            let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            endpoint(&addrs, host.as_deref(), *ready, *term)
+        })
+        .collect();
+    endpoint_slice(ns, svc, name, family, ports, eps)
 }
 
 fn ep(addr: &str, ready: Option<bool>) -> Ep {
