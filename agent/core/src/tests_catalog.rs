@@ -534,3 +534,47 @@ proptest! {
         prop_assert_eq!(dns, proxy);
     }
 }
+
+#[test]
+fn a_cluster_without_usable_cidrs_exports_nothing() {
+    // Behaviour change: DNS took an empty (or unparseable) CIDR list as
+    // "everything inside"; the catalog, like the proxy, takes it as
+    // "nothing inside".
+    let services = [
+        svc("demo", "web", &["10.102.0.10"], &[("http", "TCP", 80)]),
+        svc("demo", "db", &["None"], &[("sql", "TCP", 5432)]),
+    ];
+    let slices = [slice(
+        "demo",
+        "db",
+        "db-a",
+        "IPv4",
+        &[("sql", "TCP", 5432)],
+        &[ep("10.2.1.5", None)],
+    )];
+    let mut cs = declared(None);
+    cs[1].spec.pod_cidrs = vec!["10.2.0.0/33".into()];
+    cs[1].spec.service_cidrs = vec![];
+    let objects: BTreeMap<String, ClusterObjects> = [(
+        "west".to_string(),
+        ClusterObjects {
+            services: services.to_vec(),
+            slices: slices.to_vec(),
+            ..Default::default()
+        },
+    )]
+    .into();
+    let r = dns_records(DnsInput {
+        local_cluster: "east",
+        clusters: &cs,
+        objects: &objects,
+        now: Timestamp::from_second(1_800_000_000).unwrap(),
+        policy: &DnsPolicy::default(),
+    });
+    assert!(r.zones["cluster.west"].records.is_empty(), "{:?}", r.zones);
+    let reasons: BTreeSet<SkipReason> = r.skipped.iter().map(|k| k.reason).collect();
+    assert_eq!(
+        reasons,
+        [SkipReason::WrongFamily, SkipReason::EndpointOutsidePodCidrs].into()
+    );
+}
