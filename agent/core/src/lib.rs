@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod cidr;
 pub mod desired;
 pub mod dns;
+pub mod engine;
 pub mod evaluate;
 pub mod mesh;
 pub mod services;
@@ -40,6 +41,8 @@ mod fixtures;
 mod tests_catalog;
 #[cfg(test)]
 mod tests_desired;
+#[cfg(test)]
+mod tests_engine;
 #[cfg(test)]
 mod tests_mesh;
 #[cfg(test)]

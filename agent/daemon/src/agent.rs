@@ -1,32 +1,38 @@
-//! The agent's event loop: watch → snapshot → desired → apply, plus the
-//! status writer. Decisions come from `sdn-tunnel-core`; this module only
-//! gathers inputs, calls it, and hands the result to the tunnel and drivers.
+//! The agent's shell around its state machine
+//! ([`sdn_tunnel_core::engine`]): it turns watch changes, timers, signals
+//! and the data path's counters into events, feeds them in, and applies
+//! each plan through the drivers (tunnel, routes and nftables, service
+//! proxy, status writes). No decision is taken here.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use sdn_tunnel_api::{EndpointHost, TunnelPeerSpec, TunnelPeerStatus};
-use sdn_tunnel_core::mesh::{validate_mesh, SourcedPeer};
-use sdn_tunnel_core::status::{own_peer_status, remote_peer_statuses, PeerObservation};
-use sdn_tunnel_core::{desired_state, DesiredPeer, DesiredState, Snapshot};
+use sdn_tunnel_api::{EndpointHost, TunnelPeerSpec};
+use sdn_tunnel_core::engine::{
+    Applied, Engine, EngineConfig, Event, Mode, Notice, Plan, ServiceInputs, StatusInputs,
+};
+use sdn_tunnel_core::services::ProxyState;
+use sdn_tunnel_core::status::PeerObservation;
+use sdn_tunnel_core::DesiredPeer;
 use sdn_tunnel_datapath::device::{Device, DeviceConfig};
 use sdn_tunnel_datapath::io::tun::{Tun, TunOptions};
 use sdn_tunnel_datapath::keys::{PrivateKey, PublicKey};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::control::{self, Watches};
+use crate::control::{self, Dirty, Watches};
 use crate::drivers::netlink::{Route, RouteDriver, RouteEvents};
 use crate::drivers::netns::{set_rp_filter_loose, write_sysctl};
 use crate::drivers::nftables::{NftDriver, NodeRules, PodRules, NODE_TABLE, POD_TABLE};
 use crate::drivers::proxy::ProxyDriver;
+use crate::health::Readiness;
 use crate::static_peers;
 use crate::tunnel::{bind_udp, Tunnel, TunnelPeer};
 
@@ -48,29 +54,6 @@ pub fn tunnel_mtu(configured: Option<u16>) -> u32 {
     underlay.saturating_sub(OVERHEAD_V4).max(1280)
 }
 
-/// Where the data path stands, for `/readyz`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Readiness {
-    pub local_synced: bool,
-    pub published: bool,
-    pub tunnel_up: bool,
-    pub last_apply_ok: bool,
-}
-
-impl Readiness {
-    pub fn ready(&self) -> bool {
-        self.local_synced && self.published && self.tunnel_up && self.last_apply_ok
-    }
-}
-
-/// What the reconcile loop last decided, for the status writer.
-#[derive(Default)]
-struct Decided {
-    mesh: Option<sdn_tunnel_core::Mesh>,
-    inputs: Vec<(String, sdn_tunnel_api::TunnelPeer)>,
-    desired: DesiredState,
-}
-
 /// Routes and nftables in the pod namespace and (when the agent has one)
 /// the node namespace: everything the agent installs outside the tunnel.
 struct Plumbing {
@@ -79,9 +62,7 @@ struct Plumbing {
     pod_routes: RouteDriver,
     pod_nft: NftDriver,
     node: Option<(RouteDriver, NftDriver)>,
-    /// Destinations of the last successful apply.
-    applied: Mutex<Option<Vec<IpNet>>>,
-    services: ServiceProxy,
+    proxy: ProxyDriver,
 }
 
 impl Plumbing {
@@ -108,29 +89,15 @@ impl Plumbing {
             pod_routes: RouteDriver::open(None).await?,
             pod_nft: NftDriver::new(None),
             node,
-            applied: Mutex::new(None),
-            services: ServiceProxy::new(cfg.resync_interval),
+            proxy: ProxyDriver::new(None, cfg.resync_interval),
         })
     }
 
     /// Makes routes and nftables match `destinations` (remote pod and
     /// service CIDRs): `dev wg0` in the pod, `via <pod IP>` on the node,
-    /// MSS clamping into the tunnel, and no masquerade towards them.
-    ///
-    /// Unless `force`d (resync, a route event), nothing is done when the
-    /// destinations are those last applied: watch events that change no
-    /// decision (status updates, mostly) cost no netlink dump or nft run.
-    async fn apply(&self, destinations: &[IpNet], force: bool) -> Result<()> {
-        if !force
-            && self
-                .applied
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_deref()
-                == Some(destinations)
-        {
-            return Ok(());
-        }
+    /// MSS clamping into the tunnel, and no masquerade towards them. The
+    /// engine plans this only when the destinations changed or at a repair.
+    async fn apply(&self, destinations: &[IpNet]) -> Result<()> {
         let wg = self.pod_routes.link_index(&self.interface).await?;
         let pod: Vec<Route> = destinations.iter().map(|d| Route::dev(*d, wg)).collect();
         self.pod_routes.apply(&pod).await?;
@@ -148,7 +115,21 @@ impl Plumbing {
             })
             .await?;
         }
-        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(destinations.to_vec());
+        Ok(())
+    }
+
+    /// Programs the service proxy (nftables DNAT in the pod namespace).
+    async fn apply_proxy(&self, state: &ProxyState) -> Result<(), String> {
+        let r = self.proxy.apply(state).await.map_err(|e| e.to_string())?;
+        if r.commands > 0 {
+            info!(
+                frontends = state.services.len(),
+                full = r.full,
+                commands = r.commands,
+                took_ms = r.took.as_millis() as u64,
+                "service proxy applied"
+            );
+        }
         Ok(())
     }
 
@@ -160,7 +141,7 @@ impl Plumbing {
         if let Err(e) = self.pod_nft.remove_table(POD_TABLE).await {
             warn!(error = %e, "removing pod nftables table");
         }
-        if let Err(e) = self.services.driver.remove().await {
+        if let Err(e) = self.proxy.remove().await {
             warn!(error = %e, "removing the service proxy table");
         }
         if let Some((routes, nft)) = &self.node {
@@ -271,8 +252,222 @@ async fn open_plumbing(cfg: &AgentConfig) -> Result<(Plumbing, Arc<tokio::sync::
     Ok((plumbing, repair))
 }
 
+/// The engine's knobs from the agent's flags.
+fn engine_config(cfg: &AgentConfig) -> EngineConfig {
+    EngineConfig {
+        persistent_keepalive: cfg.keepalive(),
+        status_heartbeat: cfg.status_heartbeat(),
+    }
+}
+
+/// Applies the engine's plans through the drivers: the tunnel, routes and
+/// nftables, the service proxy. Holds no decision of its own.
+struct Shell {
+    tunnel: Arc<Tunnel>,
+    plumbing: Plumbing,
+    readiness: watch::Sender<Readiness>,
+    /// Static mode: the file's peers by public key (endpoints may be
+    /// absent there, so they are taken from here, not from the plan).
+    statics: Option<BTreeMap<String, TunnelPeer>>,
+}
+
+impl Shell {
+    /// Feeds `event` into the engine and applies the plan.
+    async fn feed(&mut self, engine: &mut Engine, event: Event) {
+        let plan = engine.handle(event);
+        self.apply(engine, plan).await;
+    }
+
+    async fn apply(&mut self, engine: &mut Engine, plan: Plan) {
+        log_notices(&plan.notices);
+        if !plan.touches_data_path() {
+            return;
+        }
+        let mut applied = Applied::default();
+        if !plan.peers.is_empty() {
+            let upsert = match &self.statics {
+                None => resolve_peers(&plan.peers.upsert).await,
+                Some(statics) => plan
+                    .peers
+                    .upsert
+                    .iter()
+                    .filter_map(|p| statics.get(&p.public_key).cloned())
+                    .collect(),
+            };
+            let remove: Vec<PublicKey> = plan
+                .peers
+                .remove
+                .iter()
+                .filter_map(|k| PublicKey::from_base64(k).ok())
+                .collect();
+            applied.failed_peers = self
+                .tunnel
+                .apply_peers(&upsert, &remove)
+                .into_iter()
+                .map(|(k, why)| (k.to_base64(), why))
+                .collect();
+        }
+        if let Some(r) = &plan.routes {
+            applied.routes = Some(
+                self.plumbing
+                    .apply(&r.destinations)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+            );
+        }
+        if let Some(state) = &plan.proxy {
+            applied.proxy = Some(self.plumbing.apply_proxy(state).await);
+        }
+        let follow = engine.handle(Event::Applied(applied));
+        log_notices(&follow.notices);
+        let ok = engine.converged();
+        self.readiness.send_modify(|r| r.last_apply_ok = ok);
+    }
+}
+
+/// Logs the engine's notices: each is said once, when it happens.
+fn log_notices(notices: &[Notice]) {
+    for n in notices {
+        match n {
+            Notice::Refused(r) => {
+                warn!(object = %r.object, reason = %r.reason, "{}", r.message)
+            }
+            Notice::RefusalCleared(o) => info!(object = %o, "no longer refused"),
+            Notice::Unusable(why) => {
+                warn!(error = %why, "mesh declaration unusable; data path left unchanged")
+            }
+            Notice::Usable => info!("mesh declaration usable again"),
+            Notice::PeerFailed { public_key, why } => {
+                warn!(peer = %public_key, %why, "peer not configured")
+            }
+            Notice::ServiceSkipped(s) => warn!(
+                cluster = %s.cluster,
+                namespace = %s.namespace,
+                service = %s.name,
+                reason = %s.reason,
+                detail = %s.detail,
+                "remote service (or part of it) not proxied"
+            ),
+            Notice::ApplyFailed { what, why } => {
+                warn!(error = %why, "applying {what} failed; retrying at the next repair")
+            }
+        }
+    }
+}
+
+/// The events for what the watches say changed.
+fn watch_events(watches: &Watches, dirty: u8) -> Vec<Event> {
+    let mut events = Vec::new();
+    if dirty & Dirty::DECLARATIONS != 0 {
+        events.push(Event::Declarations(watches.clusters()));
+    }
+    if dirty & Dirty::PEERS != 0 {
+        events.push(Event::RemotePeers(watches.remote_peers()));
+    }
+    if dirty & Dirty::SERVICES != 0 {
+        let local = watches.local_cluster_name().ok();
+        let inputs = watches
+            .cluster_stores()
+            .into_iter()
+            .filter(|(name, _)| Some(name) != local.as_ref())
+            .map(|(name, s)| {
+                let inputs = ServiceInputs {
+                    services: s.services.state(),
+                    slices: s.slices.state(),
+                    namespaces: s.namespace_labels(),
+                };
+                (name, inputs)
+            })
+            .collect();
+        events.push(Event::Services(inputs));
+    }
+    events
+}
+
+/// What the status tick needs: the data path's counters, the remote
+/// watches' health, and whether this node writes the cluster statuses.
+fn status_inputs(watches: &Watches, tunnel: &Tunnel, node: &str) -> StatusInputs {
+    let now = Timestamp::now();
+    let at = |age: Option<Duration>| {
+        age.and_then(|a| k8s_openapi::jiff::SignedDuration::try_from(a).ok())
+            .and_then(|a| now.checked_sub(a).ok())
+    };
+    let observations = tunnel
+        .stats()
+        .into_iter()
+        .map(|s| {
+            (
+                s.public_key.to_base64(),
+                PeerObservation {
+                    last_handshake: at(s.last_handshake_age),
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                    rtt_micros: s
+                        .handshake_rtt
+                        .and_then(|r| u64::try_from(r.as_micros()).ok()),
+                    last_receive: at(s.last_receive_age),
+                    keepalive_secs: s.persistent_keepalive,
+                },
+            )
+        })
+        .collect();
+    let synced = watches
+        .remote_health()
+        .into_iter()
+        .filter(|(_, h)| h.synced && h.last_error.is_none())
+        .map(|(c, _)| c)
+        .collect();
+    StatusInputs {
+        now,
+        observations,
+        synced,
+        writes_cluster_status: writes_cluster_status(watches, node, now),
+    }
+}
+
+/// Writes the statuses a status tick planned; a write error is said once
+/// until it changes, and the status is planned again at the next tick.
+struct StatusWriter {
+    client: Client,
+    namespace: String,
+    node: String,
+    last_error: Option<String>,
+}
+
+impl StatusWriter {
+    async fn write(&mut self, engine: &mut Engine, plan: Plan) {
+        log_notices(&plan.notices);
+        let mut error = None;
+        if let Some(status) = plan.status {
+            let now = status
+                .last_update
+                .as_ref()
+                .map_or_else(Timestamp::now, |t| t.0);
+            match control::write_status(&self.client, &self.namespace, &self.node, status.clone())
+                .await
+            {
+                Ok(()) => engine.status_written(status, now),
+                Err(e) => error = Some(format!("TunnelPeer status: {e}")),
+            }
+        }
+        for (name, st) in plan.cluster_statuses {
+            if let Err(e) = control::write_cluster_status(&self.client, &name, st).await {
+                error = Some(format!("TunnelCluster {name} status: {e}"));
+            }
+        }
+        if error != self.last_error {
+            match &error {
+                Some(e) => warn!(error = %e, "cannot write a status; retrying at the next tick"),
+                None => info!("statuses written again"),
+            }
+            self.last_error = error;
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT: with `--static-peers`, from that
-/// file; otherwise from the TunnelPeer CRDs.
+/// file; otherwise from the TunnelPeer CRDs. Both are the same engine fed
+/// from different sources.
 pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Result<()> {
     if let Some(path) = cfg.static_peers.clone() {
         return run_static(cfg, &path, readiness).await;
@@ -317,51 +512,88 @@ pub async fn run(cfg: AgentConfig, readiness: watch::Sender<Readiness>) -> Resul
 
     let tunnel = start_tunnel(&cfg, key)?;
     readiness.send_modify(|r| r.tunnel_up = true);
-    // Route events force a full apply (drift repair); watch events only
-    // apply what changed.
     let (plumbing, repair) = open_plumbing(&cfg).await?;
-
-    let decided = Arc::new(Mutex::new(Decided::default()));
-    let status_task = tokio::spawn(status_loop(
-        client.clone(),
-        cfg.clone(),
-        tunnel.clone(),
-        decided.clone(),
-        watches.clone(),
-    ));
+    let mut shell = Shell {
+        tunnel: tunnel.clone(),
+        plumbing,
+        readiness,
+        statics: None,
+    };
+    let mut status = StatusWriter {
+        client: client.clone(),
+        namespace: cfg.namespace.clone(),
+        node: cfg.node_name.clone(),
+        last_error: None,
+    };
+    let mut engine = Engine::new(engine_config(&cfg), Mode::Crd);
+    shell.feed(&mut engine, Event::LocalPeer(local_peer)).await;
 
     let mut resync = tokio::time::interval(cfg.resync_interval);
-    let mut force = true;
+    resync.tick().await;
+    let mut status_tick = tokio::time::interval(cfg.status_interval);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Everything is new at the start.
+    let mut dirty = Dirty::DECLARATIONS | Dirty::PEERS | Dirty::SERVICES;
     loop {
-        watches.follow_declarations();
-        let ok = reconcile(
-            &watches,
-            &local_peer,
-            &cfg,
-            &tunnel,
-            &plumbing,
-            &decided,
-            force,
-        )
-        .await;
-        readiness.send_modify(|r| r.last_apply_ok = ok);
+        if dirty & Dirty::DECLARATIONS != 0 {
+            watches.follow_declarations();
+        }
+        for event in watch_events(&watches, dirty) {
+            shell.feed(&mut engine, event).await;
+        }
+        dirty = 0;
         tokio::select! {
             _ = watches.changed.notified() => {
-                // Coalesce bursts of watch events into one reconcile.
+                // Coalesce bursts of watch events into one pass; statuses
+                // alone wake nothing here.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                force = false;
+                dirty = watches.dirty.take() & !Dirty::STATUS;
             }
-            _ = repair.notified() => force = true,
-            _ = resync.tick() => force = true,
+            _ = repair.notified() => shell.feed(&mut engine, Event::Repair).await,
+            _ = resync.tick() => shell.feed(&mut engine, Event::Repair).await,
+            _ = status_tick.tick() => {
+                let inputs = status_inputs(&watches, &tunnel, &cfg.node_name);
+                let plan = engine.handle(Event::StatusTick(inputs));
+                status.write(&mut engine, plan).await;
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
     info!("shutting down: removing our routes and nftables tables");
-    status_task.abort();
-    plumbing.remove().await;
+    shell.plumbing.remove().await;
     Ok(())
+}
+
+/// A static peer as the engine plans it. A peer without an endpoint in
+/// the file waits for the other side to reach it; the engine still needs
+/// one to compare, so it gets the unspecified address (the shell takes the
+/// real, absent, endpoint from the file).
+fn static_desired(p: &TunnelPeer) -> DesiredPeer {
+    let endpoint = p
+        .endpoint
+        .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+    DesiredPeer {
+        public_key: p.public_key.to_base64(),
+        cluster: "static".into(),
+        node: String::new(),
+        endpoint: sdn_tunnel_api::Endpoint {
+            host: EndpointHost::Ip(endpoint.ip()),
+            port: endpoint.port(),
+        },
+        allowed_ips: p.allowed_ips.clone(),
+        persistent_keepalive: p.persistent_keepalive,
+    }
+}
+
+/// The file's peers: for the engine, and by key for the shell.
+fn static_inputs(peers: Vec<TunnelPeer>) -> (Event, BTreeMap<String, TunnelPeer>) {
+    let event = Event::StaticPeers(peers.iter().map(static_desired).collect());
+    let by_key = peers
+        .into_iter()
+        .map(|p| (p.public_key.to_base64(), p))
+        .collect();
+    (event, by_key)
 }
 
 /// The agent with its peers from a file (`--static-peers`): the same data
@@ -376,7 +608,7 @@ async fn run_static(
     use tokio::signal::unix::{signal, SignalKind};
     // Checked before anything is created (the key file included): a bad
     // file changes nothing.
-    let mut peers = static_peers::load(path, cfg.keepalive())
+    let peers = static_peers::load(path, cfg.keepalive())
         .with_context(|| format!("static peers {}", path.display()))?;
     let (key, created) = PrivateKey::load_or_generate(&cfg.key_file)
         .with_context(|| format!("private key {}", cfg.key_file.display()))?;
@@ -393,27 +625,21 @@ async fn run_static(
     let tunnel = start_tunnel(&cfg, key)?;
     readiness.send_modify(|r| r.tunnel_up = true);
     let (plumbing, repair) = open_plumbing(&cfg).await?;
+    let (event, statics) = static_inputs(peers);
+    let mut shell = Shell {
+        tunnel,
+        plumbing,
+        readiness,
+        statics: Some(statics),
+    };
+    let mut engine = Engine::new(engine_config(&cfg), Mode::Static);
+    shell.feed(&mut engine, event).await;
 
     let mut resync = tokio::time::interval(cfg.resync_interval);
-    let mut force = true;
+    resync.tick().await;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     loop {
-        let failed = tunnel.set_peers(&peers);
-        for (k, why) in &failed {
-            warn!(peer = %k.to_base64(), %why, "peer not configured");
-        }
-        let routed = match plumbing
-            .apply(&static_peers::destinations(&peers), force)
-            .await
-        {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(error = %e, "applying routes and nftables failed; retrying at the next resync");
-                false
-            }
-        };
-        readiness.send_modify(|r| r.last_apply_ok = failed.is_empty() && routed);
         tokio::select! {
             _ = sighup.recv() => {
                 match static_peers::load(path, cfg.keepalive())
@@ -421,7 +647,9 @@ async fn run_static(
                 {
                     Ok(p) => {
                         info!(file = %path.display(), peers = p.len(), "static peers reloaded");
-                        peers = p;
+                        let (event, statics) = static_inputs(p);
+                        shell.statics = Some(statics);
+                        shell.feed(&mut engine, event).await;
                     }
                     Err(e) => warn!(
                         file = %path.display(),
@@ -429,16 +657,15 @@ async fn run_static(
                         "static peers not reloaded; the peers and routes in place are kept"
                     ),
                 }
-                force = false;
             }
-            _ = repair.notified() => force = true,
-            _ = resync.tick() => force = true,
+            _ = repair.notified() => shell.feed(&mut engine, Event::Repair).await,
+            _ = resync.tick() => shell.feed(&mut engine, Event::Repair).await,
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
     info!("shutting down: removing our routes and nftables tables");
-    plumbing.remove().await;
+    shell.plumbing.remove().await;
     Ok(())
 }
 
@@ -456,139 +683,6 @@ async fn publish_with_retry(
                 warn!(error = %e, retry_in = ?backoff, "cannot publish this node's TunnelPeer");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-}
-
-/// One pass of watch → snapshot → desired → apply. Returns whether it applied.
-async fn reconcile(
-    watches: &Watches,
-    local_peer: &TunnelPeerSpec,
-    cfg: &AgentConfig,
-    tunnel: &Tunnel,
-    plumbing: &Plumbing,
-    decided: &Mutex<Decided>,
-    force: bool,
-) -> bool {
-    let clusters = watches.clusters();
-    let inputs = watches.remote_peers();
-    let sourced: Vec<SourcedPeer<'_>> = inputs
-        .iter()
-        .map(|(c, p)| SourcedPeer { source: c, peer: p })
-        .collect();
-    let mesh = match validate_mesh(&clusters, &sourced, &local_peer.public_key) {
-        Ok(m) => m,
-        Err(e) => {
-            // Nothing usable to decide from: keep the data path as it is.
-            warn!(error = %e, "mesh declaration unusable; data path left unchanged");
-            return false;
-        }
-    };
-    for r in &mesh.refusals {
-        warn!(object = %r.object, reason = %r.reason, "{}", r.message);
-    }
-    let desired = match desired_state(&Snapshot {
-        local_peer,
-        mesh: &mesh,
-        persistent_keepalive: cfg.keepalive(),
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            warn!(error = %e, "cannot compute the desired state; data path left unchanged");
-            return false;
-        }
-    };
-    let peers = resolve_peers(&desired.peers).await;
-    let failed = tunnel.set_peers(&peers);
-    for (k, why) in &failed {
-        warn!(peer = %k.to_base64(), %why, "peer not configured");
-    }
-    let destinations: Vec<IpNet> = desired.routes.iter().map(|r| r.destination).collect();
-    let routed = match plumbing.apply(&destinations, force).await {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, "applying routes and nftables failed; retrying at the next resync");
-            false
-        }
-    };
-    let proxied = plumbing.services.apply(watches, &mesh).await;
-    let mut d = decided.lock().unwrap_or_else(|e| e.into_inner());
-    *d = Decided {
-        mesh: Some(mesh),
-        inputs,
-        desired,
-    };
-    failed.is_empty() && routed && proxied
-}
-
-async fn status_loop(
-    client: Client,
-    cfg: AgentConfig,
-    tunnel: Arc<Tunnel>,
-    decided: Arc<Mutex<Decided>>,
-    watches: Arc<Watches>,
-) {
-    let mut previous: Option<TunnelPeerStatus> = None;
-    let mut tick = tokio::time::interval(cfg.status_interval);
-    loop {
-        tick.tick().await;
-        let now = Timestamp::now();
-        let observations: BTreeMap<String, PeerObservation> = tunnel
-            .stats()
-            .into_iter()
-            .map(|s| {
-                let at = |age: Option<Duration>| {
-                    age.and_then(|a| k8s_openapi::jiff::SignedDuration::try_from(a).ok())
-                        .and_then(|a| now.checked_sub(a).ok())
-                };
-                (
-                    s.public_key.to_base64(),
-                    PeerObservation {
-                        last_handshake: at(s.last_handshake_age),
-                        rx_bytes: s.rx_bytes,
-                        tx_bytes: s.tx_bytes,
-                        rtt_micros: s
-                            .handshake_rtt
-                            .and_then(|r| u64::try_from(r.as_micros()).ok()),
-                        last_receive: at(s.last_receive_age),
-                        keepalive_secs: s.persistent_keepalive,
-                    },
-                )
-            })
-            .collect();
-        let status = {
-            let d = decided.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(mesh) = &d.mesh else { continue };
-            let sourced: Vec<SourcedPeer<'_>> = d
-                .inputs
-                .iter()
-                .map(|(c, p)| SourcedPeer { source: c, peer: p })
-                .collect();
-            let statuses =
-                remote_peer_statuses(mesh, &sourced, &d.desired.peers, &observations, now);
-            let cluster_statuses = if writes_cluster_status(&watches, &cfg.node_name, now) {
-                cluster_statuses(&watches, mesh, &statuses, now)
-            } else {
-                Vec::new()
-            };
-            (
-                own_peer_status(statuses, previous.as_ref(), now),
-                cluster_statuses,
-            )
-        };
-        let (status, cluster_statuses) = status;
-        match control::write_status(&client, &cfg.namespace, &cfg.node_name, status.clone()).await {
-            Ok(()) => previous = Some(status),
-            Err(e) => warn!(error = %e, "cannot write the TunnelPeer status"),
-        }
-        debug!(
-            count = cluster_statuses.len(),
-            "TunnelCluster statuses to write"
-        );
-        for (name, st) in cluster_statuses {
-            if let Err(e) = control::write_cluster_status(&client, &name, st).await {
-                warn!(cluster = %name, error = %e, "cannot write the TunnelCluster status");
             }
         }
     }
@@ -619,117 +713,4 @@ fn writes_cluster_status(watches: &Watches, node: &str, now: Timestamp) -> bool 
         .map(|p| p.spec.node.clone())
         .min();
     live_first.is_none_or(|first| node <= first.as_str())
-}
-
-/// This node's view of every remote `TunnelCluster`, as its status.
-fn cluster_statuses(
-    watches: &Watches,
-    mesh: &sdn_tunnel_core::Mesh,
-    statuses: &[sdn_tunnel_api::RemotePeerStatus],
-    now: Timestamp,
-) -> Vec<(String, sdn_tunnel_api::TunnelClusterStatus)> {
-    let health = watches.remote_health();
-    watches
-        .clusters()
-        .into_iter()
-        .filter(|c| !c.spec.local)
-        .filter_map(|c| {
-            let name = c.metadata.name.clone()?;
-            // Synced and no error now: the remote API was in sync at `now`.
-            let synced_now = health
-                .get(&c.spec.cluster_name)
-                .is_some_and(|h| h.synced && h.last_error.is_none())
-                .then_some(now);
-            let st = sdn_tunnel_core::status::cluster_status(
-                &c,
-                mesh,
-                statuses,
-                c.status.as_ref(),
-                synced_now,
-                now,
-            );
-            Some((name, st))
-        })
-        .collect()
-}
-
-/// Service proxying: the remote clusters' Services and EndpointSlices (as
-/// last seen) → `sdn_tunnel_core::services` → nftables DNAT in the pod
-/// namespace (`drivers::proxy`).
-struct ServiceProxy {
-    driver: ProxyDriver,
-    /// What was last reported as skipped, so a reason is logged once.
-    reported: Mutex<Vec<sdn_tunnel_core::services::Skipped>>,
-}
-
-impl ServiceProxy {
-    fn new(full_every: Duration) -> Self {
-        ServiceProxy {
-            driver: ProxyDriver::new(None, full_every),
-            reported: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Computes and applies the proxy for the accepted remote clusters of
-    /// `mesh`. Returns whether it applied.
-    async fn apply(&self, watches: &Watches, mesh: &sdn_tunnel_core::Mesh) -> bool {
-        use sdn_tunnel_core::services::{desired_proxy, RemoteServices};
-        let declared = watches.clusters();
-        let stores = watches.cluster_stores();
-        let held: Vec<_> = mesh
-            .clusters
-            .iter()
-            .map(|c| {
-                let selector = declared
-                    .iter()
-                    .find(|d| !d.spec.local && d.spec.cluster_name == c.name)
-                    .and_then(|d| d.spec.service_selector.clone());
-                let (services, slices, namespaces) = stores
-                    .get(&c.name)
-                    .map(|s| (s.services.state(), s.slices.state(), s.namespace_labels()))
-                    .unwrap_or_default();
-                (c, selector, services, slices, namespaces)
-            })
-            .collect();
-        let remotes: Vec<RemoteServices<'_>> = held
-            .iter()
-            .map(
-                |(c, selector, services, slices, namespaces)| RemoteServices {
-                    cluster: c,
-                    selector: selector.as_ref(),
-                    services: services.iter().map(AsRef::as_ref).collect(),
-                    slices: slices.iter().map(AsRef::as_ref).collect(),
-                    namespaces,
-                },
-            )
-            .collect();
-        let state = desired_proxy(&remotes);
-        {
-            let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            if *reported != state.skipped {
-                for s in state.skipped.iter().filter(|s| !reported.contains(s)) {
-                    warn!(cluster = %s.cluster, namespace = %s.namespace, service = %s.name, reason = %s.reason, detail = %s.detail, "remote service (or part of it) not proxied");
-                }
-                *reported = state.skipped.clone();
-            }
-        }
-        match self.driver.apply(&state).await {
-            Ok(r) => {
-                if r.commands > 0 {
-                    info!(
-                        frontends = state.services.len(),
-                        full = r.full,
-                        commands = r.commands,
-                        took_ms = r.took.as_millis() as u64,
-                        "service proxy applied"
-                    );
-                }
-                true
-            }
-            Err(e) => {
-                warn!(error = %e, "applying the service proxy failed; retrying at the next change or resync");
-                false
-            }
-        }
-    }
 }

@@ -67,9 +67,17 @@ pub struct AgentConfig {
     #[arg(long, env = "SDN_TUNNEL_METRICS_ADDR", default_value = "0.0.0.0:9586")]
     pub metrics_addr: SocketAddr,
 
-    /// How often the agent writes its TunnelPeer status.
+    /// How often the agent looks at its peers for its TunnelPeer status: a
+    /// change of a peer's state, a refusal or a condition is written at the
+    /// next look.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub status_interval: Duration,
+
+    /// Longest time between two status writes when nothing changed but the
+    /// counters (default: twice `--status-interval`). Readers judge liveness
+    /// by the status' age: keep it below the DNS server's `--status-max-age`.
+    #[arg(long, value_parser = parse_duration)]
+    pub status_heartbeat: Option<Duration>,
 
     /// Take the peers from this file (`[Peer]` sections in `wg setconf`
     /// format) instead of the TunnelPeer CRDs: no Kubernetes API is used.
@@ -83,26 +91,29 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The status heartbeat: as set, or twice the status interval.
+    pub fn status_heartbeat(&self) -> Duration {
+        self.status_heartbeat
+            .unwrap_or(self.status_interval.saturating_mul(2))
+            .max(self.status_interval)
+    }
+
     /// The keepalive as WireGuard takes it.
     pub fn keepalive(&self) -> Option<u16> {
         (self.keepalive_secs > 0).then_some(self.keepalive_secs)
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`.
+/// Parses a duration in humantime's grammar (`500ms`, `5s`, `2m`,
+/// `1m30s`, `1h`); a bare number is seconds. Zero is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?} is out of range"))?
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like 500ms, 5s or 2m: {e}"))?
     };
     if d.is_zero() {
         return Err(format!("{s:?} must be more than zero"));
@@ -121,7 +132,10 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("").is_err());
     }

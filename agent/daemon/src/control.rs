@@ -8,7 +8,8 @@
 //! A remote API that is down keeps its store as last seen (the data path
 //! keeps working) and is retried with backoff; so is the local API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,64 @@ use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::AgentConfig;
+
+/// What changed since the agent last looked, so that it feeds its state
+/// machine only the inputs that moved: the status writes of every agent of
+/// every cluster mark [`Dirty::STATUS`] only, which the agent ignores (the
+/// DNS server, which reads statuses, is woken by every change).
+#[derive(Debug, Default)]
+pub struct Dirty(AtomicU8);
+
+impl Dirty {
+    /// A `TunnelCluster`'s name or spec.
+    pub const DECLARATIONS: u8 = 1;
+    /// A remote `TunnelPeer`'s spec (its generation), or one came or went.
+    pub const PEERS: u8 = 2;
+    /// A Service, EndpointSlice or Namespace of a watched cluster.
+    pub const SERVICES: u8 = 4;
+    /// Only statuses (or watch health).
+    pub const STATUS: u8 = 8;
+
+    fn mark(&self, what: u8) {
+        self.0.fetch_or(what, Ordering::AcqRel);
+    }
+
+    /// What changed since the last call.
+    pub fn take(&self) -> u8 {
+        self.0.swap(0, Ordering::AcqRel)
+    }
+}
+
+/// Which watch events change an object's spec: a custom resource with a
+/// status subresource bumps `metadata.generation` on spec changes only, so
+/// status writes are told apart without comparing objects.
+#[derive(Default)]
+struct SpecChanges(HashMap<(Option<String>, String), Option<i64>>);
+
+impl SpecChanges {
+    /// Whether `ev` added, removed or changed the spec of an object.
+    fn spec_changed<K: Resource>(&mut self, ev: &watcher::Event<K>) -> bool {
+        let id = |o: &K| {
+            (
+                o.meta().namespace.clone(),
+                o.meta().name.clone().unwrap_or_default(),
+            )
+        };
+        match ev {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                let generation = o.meta().generation;
+                self.0.insert(id(o), generation) != Some(generation)
+            }
+            watcher::Event::Delete(o) => {
+                self.0.remove(&id(o));
+                true
+            }
+            // A re-list may drop objects: the store is swapped at InitDone.
+            watcher::Event::Init => false,
+            watcher::Event::InitDone => true,
+        }
+    }
+}
 
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "tunnel-agent";
@@ -299,6 +358,8 @@ pub struct Watches {
     remotes: Mutex<BTreeMap<String, ClusterWatch>>,
     /// Poked on every change of anything watched.
     pub changed: Arc<Notify>,
+    /// What changed (see [`Dirty`]).
+    pub dirty: Arc<Dirty>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -310,18 +371,28 @@ impl Watches {
     /// the declarations (call [`Watches::follow_declarations`] on change).
     pub fn start(local: Client, namespace: &str) -> Arc<Watches> {
         let changed = Arc::new(Notify::new());
-        let (store, writer) = reflector::store();
+        let dirty = Arc::new(Dirty::default());
+        let (store, mut writer) = reflector::store();
         let api: Api<TunnelCluster> = Api::all(local.clone());
         let notify = changed.clone();
+        let marks = dirty.clone();
         tokio::spawn(
             async move {
-                let mut events =
-                    reflector::reflector(writer, watcher(api, watcher::Config::default()))
-                        .default_backoff()
-                        .boxed();
+                let mut specs = SpecChanges::default();
+                let mut events = watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .boxed();
                 while let Some(ev) = events.next().await {
                     match ev {
-                        Ok(_) => notify.notify_one(),
+                        Ok(ev) => {
+                            writer.apply_watcher_event(&ev);
+                            marks.mark(if specs.spec_changed(&ev) {
+                                Dirty::DECLARATIONS
+                            } else {
+                                Dirty::STATUS
+                            });
+                            notify.notify_one();
+                        }
                         Err(e) => warn!(error = %e, "watching TunnelClusters"),
                     }
                 }
@@ -339,6 +410,7 @@ impl Watches {
             local_watch: Mutex::new(None),
             remotes: Mutex::new(BTreeMap::new()),
             changed,
+            dirty,
         })
     }
 
@@ -479,7 +551,10 @@ impl Watches {
                 client,
                 writers,
                 health.clone(),
-                self.changed.clone(),
+                Changed {
+                    notify: self.changed.clone(),
+                    dirty: self.dirty.clone(),
+                },
             )
             .instrument(info_span!("watch", cluster = %cluster)),
         );
@@ -527,12 +602,37 @@ pub async fn remote_client(
     Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
+/// Where a watch reports changes.
+#[derive(Clone)]
+struct Changed {
+    notify: Arc<Notify>,
+    dirty: Arc<Dirty>,
+}
+
+impl Changed {
+    fn mark(&self, what: u8) {
+        self.dirty.mark(what);
+        self.notify.notify_one();
+    }
+}
+
+/// How one kind's events are told apart.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Every event changes what the agent decides from (Services, ...).
+    Spec(u8),
+    /// Custom resources with a status subresource: `spec` when the
+    /// generation moved, [`Dirty::STATUS`] otherwise.
+    Generation(u8),
+}
+
 /// Feeds one kind's watch events into its store until the stream ends.
 async fn pump<K>(
     api: Api<K>,
     writer: &mut Writer<K>,
     health: &Mutex<RemoteHealth>,
-    changed: &Notify,
+    changed: &Changed,
+    kind: Kind,
     marks_synced: bool,
 ) where
     K: kube::Resource
@@ -547,6 +647,7 @@ async fn pump<K>(
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
+    let mut specs = SpecChanges::default();
     while let Some(ev) = events.next().await {
         match ev {
             Ok(ev) => {
@@ -557,12 +658,16 @@ async fn pump<K>(
                         h.synced = true;
                     }
                 });
-                changed.notify_one();
+                changed.mark(match kind {
+                    Kind::Spec(what) => what,
+                    Kind::Generation(what) if specs.spec_changed(&ev) => what,
+                    Kind::Generation(_) => Dirty::STATUS,
+                });
             }
             Err(e) => {
                 warn!(kind = %K::kind(&Default::default()), error = %e, "watch failed; keeping the last known state");
                 set_health(health, |h| h.last_error = Some(e.to_string()));
-                changed.notify_one();
+                changed.mark(Dirty::STATUS);
             }
         }
     }
@@ -573,7 +678,7 @@ async fn watch_cluster(
     client: ClientSource,
     mut writers: ClusterWriters,
     health: Arc<Mutex<RemoteHealth>>,
-    changed: Arc<Notify>,
+    changed: Changed,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -593,7 +698,7 @@ async fn watch_cluster(
                     Err(e) => {
                         warn!(error = %e, retry_in = ?backoff, "cannot build a client for the remote cluster");
                         set_health(&health, |h| h.last_error = Some(e.to_string()));
-                        changed.notify_one();
+                        changed.mark(Dirty::STATUS);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(60));
                         continue;
@@ -608,6 +713,7 @@ async fn watch_cluster(
                 &mut writers.peers,
                 &health,
                 &changed,
+                Kind::Generation(Dirty::PEERS),
                 true
             ),
             pump(
@@ -615,6 +721,7 @@ async fn watch_cluster(
                 &mut writers.services,
                 &health,
                 &changed,
+                Kind::Spec(Dirty::SERVICES),
                 false
             ),
             pump(
@@ -622,6 +729,7 @@ async fn watch_cluster(
                 &mut writers.slices,
                 &health,
                 &changed,
+                Kind::Spec(Dirty::SERVICES),
                 false
             ),
             pump(
@@ -629,6 +737,7 @@ async fn watch_cluster(
                 &mut writers.namespaces,
                 &health,
                 &changed,
+                Kind::Spec(Dirty::SERVICES),
                 false
             ),
         );

@@ -13,8 +13,22 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::agent::Readiness;
 use crate::metrics::{self, Metrics};
+
+/// Where the data path stands, for `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub local_synced: bool,
+    pub published: bool,
+    pub tunnel_up: bool,
+    pub last_apply_ok: bool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.local_synced && self.published && self.tunnel_up && self.last_apply_ok
+    }
+}
 
 /// Serves the probes and `/metrics` until the process ends.
 pub async fn serve(

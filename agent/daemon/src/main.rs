@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use sdn_tunnel_agent::agent::{self, Readiness};
+use sdn_tunnel_agent::agent;
 use sdn_tunnel_agent::config::AgentConfig;
-use sdn_tunnel_agent::health;
+use sdn_tunnel_agent::health::{self, Readiness};
 use sdn_tunnel_agent::metrics::Metrics;
 use sdn_tunnel_agent::standalone::{self, StandaloneConfig};
 use sdn_tunnel_agent::uapi;
@@ -49,8 +49,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(sdn_tunnel_agent::dns::quiet_hickory(
+        .with_env_filter(sdn_tunnel_agent::logging::quiet_dependencies(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            &std::env::var("RUST_LOG").unwrap_or_default(),
         ))
         .with_writer(std::io::stderr)
         .init();

@@ -67,7 +67,21 @@ struct TunnelCollector {
 
 impl Collector for TunnelCollector {
     fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
-        let snapshot = tunnel::running(&self.interface).map(|v: TunnelView| (v.stats(), v.drops()));
+        let view = tunnel::running(&self.interface);
+        let snapshot = view.as_ref().map(|v: &TunnelView| (v.stats(), v.drops()));
+        let mut encoder = encoder;
+        if let Some(v) = &view {
+            // Retries of peers that do not answer: boringtun's own log
+            // lines for them are filtered out (see `logging`).
+            let mut m = encoder.encode_descriptor(
+                "sdn_tunnel_handshake_initiations",
+                "Handshake initiations sent, first attempts and retries",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(v.handshake_initiations())
+                .encode(m.encode_family(&[("interface", self.interface.as_str())])?)?;
+        }
         encode_snapshot(&self.interface, snapshot.as_ref(), encoder)
     }
 }

@@ -31,9 +31,9 @@ use ipnet::IpNet;
 use sdn_tunnel_core::cidr::{self, Forbidden};
 use sdn_tunnel_datapath::keys::PublicKey;
 
-use crate::standalone::{setconf_to_uapi, ConfError};
 use crate::tunnel::TunnelPeer;
 use crate::uapi::{self, PeerOp};
+use crate::wgconf::{setconf_to_uapi, ConfError};
 
 /// Why a static peer file was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

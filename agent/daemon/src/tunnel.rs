@@ -3,7 +3,7 @@
 //! worker a TUN → encrypt → UDP and a UDP → decrypt → TUN thread, plus a
 //! timer thread; `recvmmsg`/`sendmmsg`, UDP GSO/GRO, and the TUN offloads
 //! when the TUN was opened with them). The control plane talks to it
-//! through [`Tunnel::set_peers`] and reads [`Tunnel::stats`].
+//! through [`Tunnel::apply_peers`] and reads [`Tunnel::stats`].
 //!
 //! The UDP socket may live in another network namespace than the TUN (the
 //! node's, so the endpoint is `nodeIP:port` without NAT): it is created on a
@@ -76,6 +76,10 @@ impl TunnelView {
     /// The device's public key.
     pub fn public_key(&self) -> PublicKey {
         lock(&self.device).public_key()
+    }
+    /// Handshake initiations sent (first attempts and retries).
+    pub fn handshake_initiations(&self) -> u64 {
+        lock(&self.device).handshake_initiations()
     }
     /// Where the UDP socket listens.
     pub fn local_addr(&self) -> SocketAddr {
@@ -163,26 +167,26 @@ impl Tunnel {
         self.rt.local_addr()
     }
 
-    /// Makes the device's peers exactly `peers`: adds and updates them
-    /// (sessions of unchanged peers are kept), removes the others.
-    /// Returns the keys that could not be configured, with the reason.
-    pub fn set_peers(&self, peers: &[TunnelPeer]) -> Vec<(PublicKey, String)> {
+    /// Applies a peer diff: removes `remove`, adds or updates `upsert`
+    /// (sessions of peers whose key and keepalive did not change are kept);
+    /// every other peer is left alone. Returns the keys that could not be
+    /// configured, with the reason.
+    pub fn apply_peers(
+        &self,
+        upsert: &[TunnelPeer],
+        remove: &[PublicKey],
+    ) -> Vec<(PublicKey, String)> {
         let mut failed = Vec::new();
         let mut handshakes = Vec::new();
         {
             let mut device = lock(self.rt.device());
-            let wanted: BTreeSet<PublicKey> = peers.iter().map(|p| p.public_key).collect();
-            let stale: Vec<PublicKey> = device
-                .peer_keys()
-                .filter(|k| !wanted.contains(k))
-                .copied()
-                .collect();
-            for k in stale {
-                device.remove_peer(&k);
-                info!(peer = %k.to_base64(), "peer removed");
+            for k in remove {
+                if device.remove_peer(k) {
+                    debug!(peer = %k.to_base64(), "peer removed");
+                }
             }
             let mut out = [0u8; HANDSHAKE_BUF];
-            for p in peers {
+            for p in upsert {
                 let mut cfg = PeerConfig::new(p.public_key);
                 cfg.endpoint = p.endpoint;
                 cfg.allowed_ips = p.allowed_ips.clone();
@@ -205,10 +209,34 @@ impl Tunnel {
                 }
             }
         }
+        if !upsert.is_empty() || !remove.is_empty() {
+            info!(
+                configured = upsert.len() - failed.len(),
+                removed = remove.len(),
+                "peers changed"
+            );
+        }
         for (to, d) in handshakes {
             self.rt.send(to, &d);
         }
+        if !remove.is_empty() {
+            // Removed peers' sessions go back to the kernel, not only to
+            // the allocator's free lists.
+            sdn_tunnel_datapath::io::release_free_memory();
+        }
         failed
+    }
+
+    /// Makes the device's peers exactly `peers` (a diff against what it
+    /// holds, through [`Tunnel::apply_peers`]).
+    pub fn set_peers(&self, peers: &[TunnelPeer]) -> Vec<(PublicKey, String)> {
+        let wanted: BTreeSet<PublicKey> = peers.iter().map(|p| p.public_key).collect();
+        let stale: Vec<PublicKey> = lock(self.rt.device())
+            .peer_keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        self.apply_peers(peers, &stale)
     }
 
     /// Counters of every peer.

@@ -314,6 +314,9 @@ impl Peer {
     }
 }
 
+/// WireGuard's message type of a handshake initiation (first byte).
+const HANDSHAKE_INITIATION: u8 = 1;
+
 /// Device settings.
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
@@ -355,6 +358,9 @@ pub struct Device {
     /// Peers whose boringtun queue may hold packets to send after a
     /// handshake; drained by [`Device::next_queued`].
     to_flush: Vec<u32>,
+    /// Handshake initiations sent (first attempts and retries), for
+    /// `/metrics`: boringtun's own per-retry log lines are filtered out.
+    handshake_initiations: u64,
 }
 
 impl std::fmt::Debug for Device {
@@ -383,6 +389,7 @@ impl Device {
             drops: DropCounters::default(),
             handshake_rate_limit: config.handshake_rate_limit,
             to_flush: Vec::new(),
+            handshake_initiations: 0,
         }
     }
 
@@ -526,6 +533,7 @@ impl Device {
         match peer.tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(datagram) => {
                 peer.count_tx(datagram.len());
+                self.handshake_initiations += 1;
                 Outcome::Network { to, datagram }
             }
             TunnResult::Err(e) => self.dropped(DropReason::from_wireguard(&e)),
@@ -543,6 +551,11 @@ impl Device {
         self.allowed_ips.retain(|_, owner| *owner != idx);
         self.to_flush.retain(|i| *i != idx);
         true
+    }
+
+    /// Handshake initiations sent so far (first attempts and retries).
+    pub fn handshake_initiations(&self) -> u64 {
+        self.handshake_initiations
     }
 
     /// Keys of all peers.
@@ -819,6 +832,9 @@ impl Device {
                 TunnResult::WriteToNetwork(datagram) => match peer.endpoint {
                     Some(to) => {
                         peer.count_tx(datagram.len());
+                        if datagram.first() == Some(&HANDSHAKE_INITIATION) {
+                            self.handshake_initiations += 1;
+                        }
                         send(to, datagram);
                     }
                     None => self.drops.bump(DropReason::NoEndpoint),

@@ -452,11 +452,13 @@ fn handshake_can_be_initiated_before_traffic() {
     };
     assert_eq!(to, lab.nodes[1].addr);
     assert_eq!(msg_type(&init), 1);
+    assert_eq!(lab.nodes[0].dev.handshake_initiations(), 1, "counted");
     // A second call while the first is in flight sends nothing.
     assert_eq!(
         Got::from(lab.nodes[0].dev.initiate_handshake(&b_key, &mut out)),
         Got::Done
     );
+    assert_eq!(lab.nodes[0].dev.handshake_initiations(), 1);
     lab.wire.push_back((0, to, init));
     lab.run();
     let st = lab.nodes[0].dev.peer_stats(&b_key).unwrap();

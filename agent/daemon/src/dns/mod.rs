@@ -108,24 +108,6 @@ impl DnsConfig {
     }
 }
 
-/// hickory logs every query at INFO; ours are at TRACE. Unless `RUST_LOG`
-/// names a hickory crate, only its warnings pass.
-pub fn quiet_hickory(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
-    let asked = std::env::var("RUST_LOG").unwrap_or_default();
-    if asked.contains("hickory") {
-        return filter;
-    }
-    [
-        "hickory_server=warn",
-        "hickory_resolver=warn",
-        "hickory_net=warn",
-        "hickory_proto=warn",
-    ]
-    .iter()
-    .filter_map(|d| d.parse().ok())
-    .fold(filter, |f, d| f.add_directive(d))
-}
-
 /// A plain copy of what the watches hold, for `sdn-tunnel-core`.
 pub fn snapshot(watches: &Watches) -> BTreeMap<String, ClusterObjects> {
     watches

@@ -410,18 +410,6 @@ fn flags_have_the_documented_defaults() {
     assert_eq!(cli.dns.policy().max_status_age_secs, 3);
 }
 
-#[test]
-fn hickory_query_logs_are_quiet_by_default() {
-    // RUST_LOG is not set in the test environment unless a developer sets it.
-    if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
-        return;
-    }
-    let f = quiet_hickory(tracing_subscriber::EnvFilter::new("info"));
-    let text = f.to_string();
-    assert!(text.contains("hickory_server=warn"), "{text}");
-    assert!(text.contains("info"), "{text}");
-}
-
 #[tokio::test]
 async fn a_zone_that_cannot_be_built_leaves_the_others_served() {
     let mut rec = records();

@@ -3,7 +3,9 @@
 //! zone, the forwarder for everything else, all behind a [`DnsHandler`]
 //! whose catalog is swapped whole on every change.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
@@ -111,26 +113,22 @@ pub fn build_catalog(
 /// in flight finishes on the catalog it started with).
 #[derive(Clone)]
 pub struct DnsHandler {
-    current: Arc<RwLock<Arc<Catalog>>>,
+    current: Arc<ArcSwap<Catalog>>,
 }
 
 impl DnsHandler {
     pub fn new(catalog: Catalog) -> Self {
         DnsHandler {
-            current: Arc::new(RwLock::new(Arc::new(catalog))),
+            current: Arc::new(ArcSwap::from_pointee(catalog)),
         }
     }
 
     pub fn replace(&self, catalog: Catalog) {
-        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
-        *cur = Arc::new(catalog);
+        self.current.store(Arc::new(catalog));
     }
 
     fn catalog(&self) -> Arc<Catalog> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.load_full()
     }
 }
 

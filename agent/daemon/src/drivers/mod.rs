@@ -10,8 +10,13 @@
 //!   atomically per apply;
 //! - [`netns`]: running those against another network namespace (the node's)
 //!   from short-lived threads, and namespace sysctls such as loose
-//!   reverse-path filtering.
+//!   reverse-path filtering;
+//! - [`proxy`]: the service proxy table (`inet sdn_tunnel_proxy`), rendered
+//!   as data and driven through `nft`;
+//! - [`conntrack`]: deleting the conntrack entries of UDP/SCTP flows bound to
+//!   endpoints that left a frontend.
 
+pub mod conntrack;
 pub mod netlink;
 pub mod netns;
 pub mod nftables;

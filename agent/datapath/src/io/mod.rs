@@ -28,6 +28,7 @@
 pub mod netns;
 pub mod offload;
 pub(crate) mod sys;
+pub use sys::release_free_memory;
 pub mod tun;
 pub mod udp;
 
