@@ -148,6 +148,18 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     contains(a, b) || contains(b, a)
 }
 
+/// Every pair `(x, y)`, `x` from `a` and `y` from `b`, that overlaps, in the
+/// order of `a` then `b`: the one overlap rule of the mesh checks and of the
+/// static peer file.
+pub fn overlapping_pairs<'a>(
+    a: &'a [IpNet],
+    b: &'a [IpNet],
+) -> impl Iterator<Item = (&'a IpNet, &'a IpNet)> + 'a {
+    a.iter()
+        .flat_map(move |x| b.iter().map(move |y| (x, y)))
+        .filter(|(x, y)| overlaps(x, y))
+}
+
 /// True when `inner` lies inside one of `outers`.
 pub fn inside_any(inner: &IpNet, outers: &[IpNet]) -> bool {
     outers.iter().any(|o| contains(o, inner))

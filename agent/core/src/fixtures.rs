@@ -1,11 +1,14 @@
 //! Plain-value builders for the tests: clusters and peers as the apiserver
 //! would hand them over.
 
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sdn_tunnel_api::{
     EndpointOverride, SecretKeyRef, TunnelCluster, TunnelClusterSpec, TunnelPeer, TunnelPeerSpec,
 };
 
+use crate::catalog::SERVICE_NAME_LABEL;
 use crate::mesh::SourcedPeer;
 
 /// A valid, distinct WireGuard public key for every `n`.
@@ -110,5 +113,87 @@ pub fn local_peer() -> TunnelPeerSpec {
         pod_cidrs: vec!["10.1.1.0/24".into()],
         listen_port: 51820,
         mtu: None,
+    }
+}
+
+/// A `Service` with these ClusterIPs (the first is also `clusterIP`) and
+/// `(name, protocol, port)` ports; an empty name is an unnamed port.
+pub fn service(ns: &str, name: &str, ips: &[&str], ports: &[(&str, &str, i32)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: ips.first().map(|s| s.to_string()),
+            cluster_ips: Some(ips.iter().map(|s| s.to_string()).collect()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, proto, port)| ServicePort {
+                        name: (!n.is_empty()).then(|| n.to_string()),
+                        protocol: Some(proto.to_string()),
+                        port: *port,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An endpoint with these addresses, hostname and conditions.
+pub fn endpoint(
+    addrs: &[&str],
+    hostname: Option<&str>,
+    ready: Option<bool>,
+    terminating: Option<bool>,
+) -> Endpoint {
+    Endpoint {
+        addresses: addrs.iter().map(|s| s.to_string()).collect(),
+        hostname: hostname.map(String::from),
+        conditions: Some(EndpointConditions {
+            ready,
+            serving: ready,
+            terminating,
+        }),
+        ..Default::default()
+    }
+}
+
+/// An `EndpointSlice` `name` of Service `ns/svc`, with `(name, protocol,
+/// port)` ports.
+pub fn endpoint_slice(
+    ns: &str,
+    svc: &str,
+    name: &str,
+    family: &str,
+    ports: &[(&str, &str, i32)],
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: family.into(),
+        endpoints,
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, proto, port)| EndpointPort {
+                    name: Some(n.to_string()),
+                    protocol: Some(proto.to_string()),
+                    port: Some(*port),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
     }
 }

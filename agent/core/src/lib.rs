@@ -6,6 +6,8 @@
 //! Nothing here performs I/O or reads a clock: drivers in `agent/daemon`
 //! observe and apply, this crate decides.
 //!
+//! - [`catalog`]: the one reading of Services and EndpointSlices (what is
+//!   exported, which endpoints are ready) that [`services`] and [`dns`] share.
 //! - [`cidr`]: prefix parsing and relations, forbidden ranges.
 //! - [`mesh`]: which declared clusters and remote `TunnelPeer`s are accepted,
 //!   and why the others are refused.
@@ -13,6 +15,7 @@
 //! - [`status`]: peer states, conditions and counters to report.
 //! - [`mod@evaluate`]: all of the above in one call from a [`World`] snapshot.
 
+pub mod catalog;
 pub mod cidr;
 pub mod desired;
 pub mod dns;
@@ -34,6 +37,8 @@ pub use mesh::{
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod tests_catalog;
 #[cfg(test)]
 mod tests_desired;
 #[cfg(test)]

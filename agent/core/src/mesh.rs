@@ -309,6 +309,7 @@ impl Mesh {
 }
 
 /// A declaration being examined.
+#[derive(Debug)]
 struct Decl {
     object: ObjectRef,
     name: String,
@@ -396,6 +397,9 @@ fn cluster_ref(c: &TunnelCluster) -> ObjectRef {
     }
 }
 
+/// Step 1 (per cluster): parses one declaration; its CIDRs are checked
+/// against the forbidden ranges ([`parse_cidrs`]) and against each other
+/// ([`check_own_cidrs`]).
 fn declaration(c: &TunnelCluster, refusals: &mut Refusals) -> Decl {
     let object = cluster_ref(c);
     if let Err(e) = c.spec.validate() {
@@ -403,20 +407,6 @@ fn declaration(c: &TunnelCluster, refusals: &mut Refusals) -> Decl {
     }
     let pods = parse_cidrs("pod", &c.spec.pod_cidrs, &object, refusals);
     let services = parse_cidrs("service", &c.spec.service_cidrs, &object, refusals);
-    for p in &pods {
-        for s in &services {
-            if cidr::overlaps(p, s) {
-                refusals.add(
-                    &object,
-                    RefusalReason::CidrOverlap,
-                    format!(
-                        "pod CIDR {p} overlaps service CIDR {s} of the same cluster {}",
-                        c.spec.cluster_name
-                    ),
-                );
-            }
-        }
-    }
     let overrides = c
         .spec
         .endpoint_overrides
@@ -427,13 +417,338 @@ fn declaration(c: &TunnelCluster, refusals: &mut Refusals) -> Decl {
                 .map(|e| (o.node.clone(), e))
         })
         .collect();
-    Decl {
+    let decl = Decl {
         object,
         name: c.spec.cluster_name.clone(),
         pods,
         services,
         dns_zone: c.spec.dns_zone(),
         overrides,
+    };
+    check_own_cidrs(&decl, refusals);
+    decl
+}
+
+/// A cluster's pod and service ranges are disjoint.
+fn check_own_cidrs(d: &Decl, refusals: &mut Refusals) {
+    for (p, s) in cidr::overlapping_pairs(&d.pods, &d.services) {
+        refusals.add(
+            &d.object,
+            RefusalReason::CidrOverlap,
+            format!(
+                "pod CIDR {p} overlaps service CIDR {s} of the same cluster {}",
+                d.name
+            ),
+        );
+    }
+}
+
+/// Step 2: exactly one sound local cluster, or nothing can be judged.
+fn local_cluster(clusters: &[TunnelCluster]) -> Result<Decl, MeshError> {
+    let locals: Vec<&TunnelCluster> = clusters.iter().filter(|c| c.spec.local).collect();
+    let local_obj = match locals.as_slice() {
+        [] => return Err(MeshError::NoLocalCluster),
+        [one] => *one,
+        many => {
+            let mut names: Vec<String> = many.iter().map(|c| c.spec.cluster_name.clone()).collect();
+            names.sort();
+            return Err(MeshError::MultipleLocalClusters(names));
+        }
+    };
+    let mut local_refusals = Refusals::default();
+    let local = declaration(local_obj, &mut local_refusals);
+    if let Some(first) = local_refusals.0.iter().next() {
+        return Err(MeshError::InvalidLocalCluster {
+            name: local.object.name.clone(),
+            message: first.message.clone(),
+        });
+    }
+    Ok(local)
+}
+
+/// Step 3: the remote declarations, each parsed and checked on its own.
+fn remote_declarations(clusters: &[TunnelCluster], refusals: &mut Refusals) -> Vec<Decl> {
+    clusters
+        .iter()
+        .filter(|c| !c.spec.local)
+        .map(|c| declaration(c, refusals))
+        .collect()
+}
+
+/// Every declaration sharing `key(d)` with another, with the names of the
+/// others.
+fn same_key(decls: &[Decl], key: impl Fn(&Decl) -> String) -> Vec<(&Decl, Vec<&str>)> {
+    let mut by_key: BTreeMap<String, Vec<&Decl>> = BTreeMap::new();
+    for d in decls {
+        by_key.entry(key(d)).or_default().push(d);
+    }
+    decls
+        .iter()
+        .filter_map(|d| {
+            let same = by_key.get(&key(d)).filter(|v| v.len() > 1)?;
+            let others = same
+                .iter()
+                .filter(|o| o.object != d.object)
+                .map(|o| o.object.name.as_str())
+                .collect();
+            Some((d, others))
+        })
+        .collect()
+}
+
+/// Step 4: one declaration per cluster name, none the local one's.
+fn check_cluster_names(decls: &[Decl], local: &Decl, refusals: &mut Refusals) {
+    for d in decls.iter().filter(|d| d.name == local.name) {
+        refusals.add(
+            &d.object,
+            RefusalReason::DuplicateClusterName,
+            format!("cluster name {} is the local cluster's", d.name),
+        );
+    }
+    for (d, others) in same_key(decls, |d| d.name.clone()) {
+        refusals.add(
+            &d.object,
+            RefusalReason::DuplicateClusterName,
+            format!(
+                "cluster name {} is also declared by TunnelCluster {}",
+                d.name,
+                others.join(", ")
+            ),
+        );
+    }
+}
+
+/// DNS zones compare without case and trailing dot, as DNS does.
+fn zone_key(z: &str) -> String {
+    z.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Step 5: a DNS zone answers for one cluster.
+fn check_dns_zones(decls: &[Decl], local: &Decl, refusals: &mut Refusals) {
+    let local_zone = zone_key(&local.dns_zone);
+    for d in decls.iter().filter(|d| zone_key(&d.dns_zone) == local_zone) {
+        refusals.add(
+            &d.object,
+            RefusalReason::DuplicateDnsZone,
+            format!("DNS zone {} is the local cluster's", d.dns_zone),
+        );
+    }
+    for (d, others) in same_key(decls, |d| zone_key(&d.dns_zone)) {
+        refusals.add(
+            &d.object,
+            RefusalReason::DuplicateDnsZone,
+            format!(
+                "DNS zone {} is also used by TunnelCluster {}",
+                d.dns_zone,
+                others.join(", ")
+            ),
+        );
+    }
+}
+
+/// Step 6: no declared range overlaps the local cluster's or another remote
+/// cluster's (reported on both sides).
+fn check_cross_cluster_overlaps(decls: &[Decl], local: &Decl, refusals: &mut Refusals) {
+    for (i, a) in decls.iter().enumerate() {
+        for ((ka, ca), (kl, cl)) in cidr_pairs(a, local) {
+            refusals.add(
+                &a.object,
+                RefusalReason::CidrOverlap,
+                format!(
+                    "{ka} CIDR {ca} overlaps {kl} CIDR {cl} of the local cluster {}",
+                    local.name
+                ),
+            );
+        }
+        for b in &decls[i + 1..] {
+            for ((ka, ca), (kb, cb)) in cidr_pairs(a, b) {
+                refusals.add(
+                    &a.object,
+                    RefusalReason::CidrOverlap,
+                    format!(
+                        "{ka} CIDR {ca} overlaps {kb} CIDR {cb} of cluster {}",
+                        b.name
+                    ),
+                );
+                refusals.add(
+                    &b.object,
+                    RefusalReason::CidrOverlap,
+                    format!(
+                        "{kb} CIDR {cb} overlaps {ka} CIDR {ca} of cluster {}",
+                        a.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// The overlapping (kind, CIDR) pairs of two declarations.
+fn cidr_pairs<'d>(
+    a: &'d Decl,
+    b: &'d Decl,
+) -> impl Iterator<Item = ((&'static str, &'d IpNet), (&'static str, &'d IpNet))> + 'd {
+    a.all_cidrs()
+        .flat_map(move |x| b.all_cidrs().map(move |y| (x, y)))
+        .filter(|((_, x), (_, y))| cidr::overlaps(x, y))
+}
+
+/// Step 7 (per peer): the checks a peer passes on its own; `Some` is a
+/// candidate for the checks between peers.
+fn check_peer(
+    sp: &SourcedPeer<'_>,
+    accepted_decls: &BTreeMap<&str, &Decl>,
+    declared: &BTreeSet<&str>,
+    own_public_key: &str,
+    refusals: &mut Refusals,
+) -> Option<AcceptedPeer> {
+    let p = sp.peer;
+    let object = ObjectRef {
+        kind: ObjectKind::TunnelPeer,
+        cluster: sp.source.to_string(),
+        namespace: p.metadata.namespace.clone(),
+        name: p.metadata.name.clone().unwrap_or_default(),
+    };
+    let Some(decl) = accepted_decls.get(sp.source) else {
+        if declared.contains(sp.source) {
+            refusals.add(
+                &object,
+                RefusalReason::ClusterRefused,
+                format!("the TunnelCluster declaration of {} is refused, so none of its peers are trusted", sp.source),
+            );
+        } else {
+            refusals.add(
+                &object,
+                RefusalReason::UnknownCluster,
+                format!(
+                    "cluster {} is not declared by any remote TunnelCluster here",
+                    sp.source
+                ),
+            );
+        }
+        return None;
+    };
+    if p.spec.cluster != sp.source {
+        refusals.add(
+            &object,
+            RefusalReason::ClusterMismatch,
+            format!(
+                "spec.cluster is {:?} but the object was read from cluster {}",
+                p.spec.cluster, sp.source
+            ),
+        );
+    }
+    let endpoints = match p.spec.validate() {
+        Ok(e) => e,
+        Err(e) => {
+            refusals.add(&object, RefusalReason::from_validation(&e), e.to_string());
+            Vec::new()
+        }
+    };
+    if p.spec.public_key == own_public_key {
+        refusals.add(
+            &object,
+            RefusalReason::DuplicateKey,
+            "public key equals this node's own public key",
+        );
+    }
+    let pod_cidrs = parse_cidrs("pod", &p.spec.pod_cidrs, &object, refusals);
+    for c in &pod_cidrs {
+        if !cidr::inside_any(c, &decl.pods) {
+            let declared: Vec<String> = decl.pods.iter().map(ToString::to_string).collect();
+            refusals.add(
+                &object,
+                RefusalReason::CidrOutsideDeclared,
+                format!(
+                    "pod CIDR {c} is outside the pod CIDRs declared for cluster {} ({})",
+                    decl.name,
+                    declared.join(", ")
+                ),
+            );
+        }
+    }
+    if refusals.has(&object) {
+        return None;
+    }
+    // validate() has already refused both cases; checked again so that a
+    // peer can never be accepted without an endpoint or port, and never
+    // dropped silently either.
+    let Some(first) = endpoints.first() else {
+        refusals.add(&object, RefusalReason::BadEndpoint, "no usable endpoint");
+        return None;
+    };
+    let listen_port = match sdn_tunnel_api::validate::validate_port(p.spec.listen_port) {
+        Ok(port) => port,
+        Err(e) => {
+            refusals.add(&object, RefusalReason::BadPort, e.to_string());
+            return None;
+        }
+    };
+    let endpoint = decl.overrides.get(&p.spec.node).unwrap_or(first).clone();
+    Some(AcceptedPeer {
+        object,
+        cluster: sp.source.to_string(),
+        node: p.spec.node.clone(),
+        public_key: p.spec.public_key.clone(),
+        endpoint,
+        published_endpoints: endpoints,
+        pod_cidrs,
+        listen_port,
+        mtu: p.spec.mtu.and_then(|m| u16::try_from(m).ok()),
+    })
+}
+
+/// Every unordered pair of candidates, each way round.
+fn both_ways(candidates: &[AcceptedPeer]) -> impl Iterator<Item = (&AcceptedPeer, &AcceptedPeer)> {
+    candidates.iter().enumerate().flat_map(move |(i, a)| {
+        candidates[i + 1..]
+            .iter()
+            .flat_map(move |b| [(a, b), (b, a)])
+    })
+}
+
+/// Step 8: one peer per node of a cluster.
+fn check_duplicate_nodes(candidates: &[AcceptedPeer], refusals: &mut Refusals) {
+    for (x, y) in both_ways(candidates).filter(|(x, y)| x.cluster == y.cluster && x.node == y.node)
+    {
+        refusals.add(
+            &x.object,
+            RefusalReason::DuplicateNode,
+            format!(
+                "node {} of cluster {} is also claimed by {}",
+                x.node, x.cluster, y.object
+            ),
+        );
+    }
+}
+
+/// Step 9: one peer per key.
+fn check_key_conflicts(candidates: &[AcceptedPeer], refusals: &mut Refusals) {
+    for (x, y) in both_ways(candidates).filter(|(x, y)| x.public_key == y.public_key) {
+        refusals.add(
+            &x.object,
+            RefusalReason::DuplicateKey,
+            format!(
+                "public key is also used by node {} of cluster {}",
+                y.node, y.cluster
+            ),
+        );
+    }
+}
+
+/// Step 10: no two peers route the same addresses.
+fn check_peer_cidr_overlaps(candidates: &[AcceptedPeer], refusals: &mut Refusals) {
+    for (x, y) in both_ways(candidates) {
+        for (cx, cy) in cidr::overlapping_pairs(&x.pod_cidrs, &y.pod_cidrs) {
+            refusals.add(
+                &x.object,
+                RefusalReason::PeerCidrOverlap,
+                format!(
+                    "pod CIDR {cx} overlaps pod CIDR {cy} of node {} of cluster {}",
+                    y.node, y.cluster
+                ),
+            );
+        }
     }
 }
 
@@ -454,145 +769,27 @@ fn declaration(c: &TunnelCluster, refusals: &mut Refusals) -> Decl {
 /// too. Peers come from remote clusters: only peers that passed their own
 /// checks take part in the duplicate-key, duplicate-node and overlap checks,
 /// so an object that is already refused cannot knock an honest peer out.
+///
+/// A pipeline of named steps, each a function of its own: the local cluster
+/// (`local_cluster`), the remote declarations and their own CIDRs
+/// (`remote_declarations`), names (`check_cluster_names`), zones
+/// (`check_dns_zones`), overlaps between clusters
+/// (`check_cross_cluster_overlaps`), each peer (`check_peer`), and between
+/// the peers that passed: nodes (`check_duplicate_nodes`), keys
+/// (`check_key_conflicts`) and pod CIDRs (`check_peer_cidr_overlaps`).
+/// Refusals go into one set, so the order of the steps within a stage
+/// does not change the result.
 pub fn validate_mesh(
     clusters: &[TunnelCluster],
     peers: &[SourcedPeer<'_>],
     own_public_key: &str,
 ) -> Result<Mesh, MeshError> {
     let mut refusals = Refusals::default();
-
-    // The local cluster.
-    let locals: Vec<&TunnelCluster> = clusters.iter().filter(|c| c.spec.local).collect();
-    let local_obj = match locals.as_slice() {
-        [] => return Err(MeshError::NoLocalCluster),
-        [one] => *one,
-        many => {
-            let mut names: Vec<String> = many.iter().map(|c| c.spec.cluster_name.clone()).collect();
-            names.sort();
-            return Err(MeshError::MultipleLocalClusters(names));
-        }
-    };
-    let mut local_refusals = Refusals::default();
-    let local = declaration(local_obj, &mut local_refusals);
-    if let Some(first) = local_refusals.0.iter().next() {
-        return Err(MeshError::InvalidLocalCluster {
-            name: local.object.name.clone(),
-            message: first.message.clone(),
-        });
-    }
-
-    // Remote declarations.
-    let decls: Vec<Decl> = clusters
-        .iter()
-        .filter(|c| !c.spec.local)
-        .map(|c| declaration(c, &mut refusals))
-        .collect();
-
-    let mut by_name: BTreeMap<&str, Vec<&Decl>> = BTreeMap::new();
-    for d in &decls {
-        by_name.entry(d.name.as_str()).or_default().push(d);
-    }
-    for d in &decls {
-        if d.name == local.name {
-            refusals.add(
-                &d.object,
-                RefusalReason::DuplicateClusterName,
-                format!("cluster name {} is the local cluster's", d.name),
-            );
-        }
-        if let Some(same) = by_name.get(d.name.as_str()).filter(|v| v.len() > 1) {
-            let others: Vec<&str> = same
-                .iter()
-                .filter(|o| o.object != d.object)
-                .map(|o| o.object.name.as_str())
-                .collect();
-            refusals.add(
-                &d.object,
-                RefusalReason::DuplicateClusterName,
-                format!(
-                    "cluster name {} is also declared by TunnelCluster {}",
-                    d.name,
-                    others.join(", ")
-                ),
-            );
-        }
-    }
-
-    // DNS zones answer for one cluster each; compared without case and
-    // trailing dot, as DNS does.
-    let zone_key = |z: &str| z.trim_end_matches('.').to_ascii_lowercase();
-    let mut by_zone: BTreeMap<String, Vec<&Decl>> = BTreeMap::new();
-    for d in &decls {
-        by_zone.entry(zone_key(&d.dns_zone)).or_default().push(d);
-    }
-    for d in &decls {
-        let key = zone_key(&d.dns_zone);
-        if key == zone_key(&local.dns_zone) {
-            refusals.add(
-                &d.object,
-                RefusalReason::DuplicateDnsZone,
-                format!("DNS zone {} is the local cluster's", d.dns_zone),
-            );
-        }
-        if let Some(same) = by_zone.get(&key).filter(|v| v.len() > 1) {
-            let others: Vec<&str> = same
-                .iter()
-                .filter(|o| o.object != d.object)
-                .map(|o| o.object.name.as_str())
-                .collect();
-            refusals.add(
-                &d.object,
-                RefusalReason::DuplicateDnsZone,
-                format!(
-                    "DNS zone {} is also used by TunnelCluster {}",
-                    d.dns_zone,
-                    others.join(", ")
-                ),
-            );
-        }
-    }
-
-    // Overlaps with the local cluster and between remote clusters.
-    for (i, a) in decls.iter().enumerate() {
-        for (ka, ca) in a.all_cidrs() {
-            for (kl, cl) in local.all_cidrs() {
-                if cidr::overlaps(ca, cl) {
-                    refusals.add(
-                        &a.object,
-                        RefusalReason::CidrOverlap,
-                        format!(
-                            "{ka} CIDR {ca} overlaps {kl} CIDR {cl} of the local cluster {}",
-                            local.name
-                        ),
-                    );
-                }
-            }
-        }
-        for b in &decls[i + 1..] {
-            for (ka, ca) in a.all_cidrs() {
-                for (kb, cb) in b.all_cidrs() {
-                    if cidr::overlaps(ca, cb) {
-                        refusals.add(
-                            &a.object,
-                            RefusalReason::CidrOverlap,
-                            format!(
-                                "{ka} CIDR {ca} overlaps {kb} CIDR {cb} of cluster {}",
-                                b.name
-                            ),
-                        );
-                        refusals.add(
-                            &b.object,
-                            RefusalReason::CidrOverlap,
-                            format!(
-                                "{kb} CIDR {cb} overlaps {ka} CIDR {ca} of cluster {}",
-                                a.name
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-    }
+    let local = local_cluster(clusters)?;
+    let decls = remote_declarations(clusters, &mut refusals);
+    check_cluster_names(&decls, &local, &mut refusals);
+    check_dns_zones(&decls, &local, &mut refusals);
+    check_cross_cluster_overlaps(&decls, &local, &mut refusals);
 
     let accepted_decls: BTreeMap<&str, &Decl> = decls
         .iter()
@@ -601,151 +798,23 @@ pub fn validate_mesh(
         .collect();
     let declared: BTreeSet<&str> = decls.iter().map(|d| d.name.as_str()).collect();
 
-    // Peers: individual checks.
-    let mut candidates: Vec<AcceptedPeer> = Vec::new();
-    for sp in peers {
-        let p = sp.peer;
-        let object = ObjectRef {
-            kind: ObjectKind::TunnelPeer,
-            cluster: sp.source.to_string(),
-            namespace: p.metadata.namespace.clone(),
-            name: p.metadata.name.clone().unwrap_or_default(),
-        };
-        let Some(decl) = accepted_decls.get(sp.source) else {
-            if declared.contains(sp.source) {
-                refusals.add(
-                    &object,
-                    RefusalReason::ClusterRefused,
-                    format!("the TunnelCluster declaration of {} is refused, so none of its peers are trusted", sp.source),
-                );
-            } else {
-                refusals.add(
-                    &object,
-                    RefusalReason::UnknownCluster,
-                    format!(
-                        "cluster {} is not declared by any remote TunnelCluster here",
-                        sp.source
-                    ),
-                );
-            }
-            continue;
-        };
-        if p.spec.cluster != sp.source {
-            refusals.add(
-                &object,
-                RefusalReason::ClusterMismatch,
-                format!(
-                    "spec.cluster is {:?} but the object was read from cluster {}",
-                    p.spec.cluster, sp.source
-                ),
-            );
-        }
-        let endpoints = match p.spec.validate() {
-            Ok(e) => e,
-            Err(e) => {
-                refusals.add(&object, RefusalReason::from_validation(&e), e.to_string());
-                Vec::new()
-            }
-        };
-        if p.spec.public_key == own_public_key {
-            refusals.add(
-                &object,
-                RefusalReason::DuplicateKey,
-                "public key equals this node's own public key",
-            );
-        }
-        let pod_cidrs = parse_cidrs("pod", &p.spec.pod_cidrs, &object, &mut refusals);
-        for c in &pod_cidrs {
-            if !cidr::inside_any(c, &decl.pods) {
-                let declared: Vec<String> = decl.pods.iter().map(ToString::to_string).collect();
-                refusals.add(
-                    &object,
-                    RefusalReason::CidrOutsideDeclared,
-                    format!(
-                        "pod CIDR {c} is outside the pod CIDRs declared for cluster {} ({})",
-                        decl.name,
-                        declared.join(", ")
-                    ),
-                );
-            }
-        }
-        if refusals.has(&object) {
-            continue;
-        }
-        // validate() has already refused both cases; checked again so that a
-        // peer can never be accepted without an endpoint or port, and never
-        // dropped silently either.
-        let Some(first) = endpoints.first() else {
-            refusals.add(&object, RefusalReason::BadEndpoint, "no usable endpoint");
-            continue;
-        };
-        let listen_port = match sdn_tunnel_api::validate::validate_port(p.spec.listen_port) {
-            Ok(port) => port,
-            Err(e) => {
-                refusals.add(&object, RefusalReason::BadPort, e.to_string());
-                continue;
-            }
-        };
-        let endpoint = decl.overrides.get(&p.spec.node).unwrap_or(first).clone();
-        candidates.push(AcceptedPeer {
-            object,
-            cluster: sp.source.to_string(),
-            node: p.spec.node.clone(),
-            public_key: p.spec.public_key.clone(),
-            endpoint,
-            published_endpoints: endpoints,
-            pod_cidrs,
-            listen_port,
-            mtu: p.spec.mtu.and_then(|m| u16::try_from(m).ok()),
-        });
-    }
-
-    // Peers: checks between the individually valid ones. All refusals of this
-    // stage are decided on the same candidate set, so order does not matter.
-    for (i, a) in candidates.iter().enumerate() {
-        for b in &candidates[i + 1..] {
-            if a.cluster == b.cluster && a.node == b.node {
-                for (x, y) in [(a, b), (b, a)] {
-                    refusals.add(
-                        &x.object,
-                        RefusalReason::DuplicateNode,
-                        format!(
-                            "node {} of cluster {} is also claimed by {}",
-                            x.node, x.cluster, y.object
-                        ),
-                    );
-                }
-            }
-            if a.public_key == b.public_key {
-                for (x, y) in [(a, b), (b, a)] {
-                    refusals.add(
-                        &x.object,
-                        RefusalReason::DuplicateKey,
-                        format!(
-                            "public key is also used by node {} of cluster {}",
-                            y.node, y.cluster
-                        ),
-                    );
-                }
-            }
-            for ca in &a.pod_cidrs {
-                for cb in &b.pod_cidrs {
-                    if cidr::overlaps(ca, cb) {
-                        for (x, cx, y, cy) in [(a, ca, b, cb), (b, cb, a, ca)] {
-                            refusals.add(
-                                &x.object,
-                                RefusalReason::PeerCidrOverlap,
-                                format!(
-                                    "pod CIDR {cx} overlaps pod CIDR {cy} of node {} of cluster {}",
-                                    y.node, y.cluster
-                                ),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let candidates: Vec<AcceptedPeer> = peers
+        .iter()
+        .filter_map(|sp| {
+            check_peer(
+                sp,
+                &accepted_decls,
+                &declared,
+                own_public_key,
+                &mut refusals,
+            )
+        })
+        .collect();
+    // All refusals of this stage are decided on the same candidate set, so
+    // order does not matter.
+    check_duplicate_nodes(&candidates, &mut refusals);
+    check_key_conflicts(&candidates, &mut refusals);
+    check_peer_cidr_overlaps(&candidates, &mut refusals);
 
     let mut accepted: Vec<AcceptedPeer> = candidates
         .into_iter()
@@ -778,3 +847,7 @@ pub fn validate_mesh(
         refusals: refusals.0.into_iter().collect(),
     })
 }
+
+#[cfg(test)]
+#[path = "tests_mesh_steps.rs"]
+mod tests_steps;

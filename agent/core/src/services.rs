@@ -3,104 +3,43 @@
 //!
 //! Input: every accepted remote cluster (its declared pod and service CIDRs
 //! are the trust anchor), the `serviceSelector` the local admin declared for
-//! it, and its `Service`s and `EndpointSlice`s as last seen. Output: plain,
-//! sorted data ([`ProxyState`]) that the nftables driver renders; equal inputs
-//! in any order give equal outputs.
+//! it, and its `Service`s and `EndpointSlice`s as last seen. What is exported
+//! and which endpoints are ready is decided once, in [`crate::catalog`] (the
+//! DNS zones read the same catalog, so they name exactly what is proxied).
+//! Output: plain, sorted data ([`ProxyState`]) that the nftables driver
+//! renders; equal inputs in any order give equal outputs.
 //!
-//! Rules, per Service port:
-//! - only `ClusterIP` addresses inside the cluster's declared service CIDRs,
-//!   of a family the cluster declares, are frontends; headless,
-//!   `ExternalName` and port-less Services are not proxied;
-//! - endpoints come from the Service's `EndpointSlice`s
-//!   (`kubernetes.io/service-name`) of the frontend's address family, port
-//!   matched by the Service port's *name* and protocol (this is how named
-//!   target ports are resolved: the slice carries the number per pod);
-//! - only ready (`ready` unset counts as ready) and not terminating
-//!   endpoints, first address only (addresses are fungible by API contract);
-//! - an endpoint address outside the cluster's declared pod CIDRs is never a
-//!   target: a remote cluster cannot make us DNAT into our own cluster or a
-//!   third one;
+//! On top of the catalog, per frontend:
+//! - headless Services are not proxied (reported as [`SkipReason::Headless`]);
+//! - the targets are the ready endpoints of the Service's slices of the
+//!   frontend's address family, at the slice port matched by the Service
+//!   port's *name* and protocol;
 //! - a frontend without any target is kept with no endpoints: the driver
-//!   rejects it (TCP reset / ICMP unreachable) instead of black-holing it.
+//!   rejects it (TCP reset / ICMP unreachable) instead of black-holing it;
+//! - two clusters never share a frontend (their declared service CIDRs are
+//!   disjoint once the mesh accepts them; checked again here).
 //!
 //! Whatever is left out is reported in [`ProxyState::skipped`] with a
 //! machine-readable [`SkipReason`]; nothing odd in one Service affects
 //! another.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use sdn_tunnel_api::ServiceSelector;
 
+use crate::catalog::{read_cluster, ClusterServices, Exported, Port, Shape};
+pub use crate::catalog::{
+    selected, selector_matches, Frontend, NamespaceLabels, Protocol, SkipReason, Skipped,
+    NAMESPACE_NAME_LABEL, SERVICE_NAME_LABEL,
+};
 use crate::mesh::AcceptedCluster;
 
-/// Label tying an `EndpointSlice` to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Label every namespace carries with its own name (Kubernetes ≥ 1.21); the
-/// only namespace label a namespace selector can see here, since the agent
-/// does not watch Namespace objects.
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
-
-/// L4 protocols a Service port can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    /// The Kubernetes spelling (`TCP`, `UDP`, `SCTP`); unset means TCP.
-    pub fn from_k8s(p: Option<&str>) -> Option<Protocol> {
-        match p.unwrap_or("TCP") {
-            "TCP" => Some(Protocol::Tcp),
-            "UDP" => Some(Protocol::Udp),
-            "SCTP" => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-
-    /// The nftables spelling (`tcp`, `udp`, `sctp`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a client connects to: a remote ClusterIP, protocol and port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Frontend {
-    pub ip: IpAddr,
-    pub protocol: Protocol,
-    pub port: u16,
-}
-
-impl fmt::Display for Frontend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            SocketAddr::new(self.ip, self.port),
-            self.protocol
-        )
-    }
-}
 
 /// How an endpoint is chosen for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -135,90 +74,6 @@ impl ProxiedService {
     }
 }
 
-/// Why something was left out of the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SkipReason {
-    /// `clusterIP: None`: DNS answers pod IPs, nothing to proxy.
-    Headless,
-    /// `type: ExternalName`.
-    ExternalName,
-    /// No `spec.ports`.
-    NoPorts,
-    /// No ClusterIP allocated.
-    NoClusterIp,
-    /// A ClusterIP that is not an IP address.
-    BadClusterIp,
-    /// A ClusterIP of a family the cluster declares no service CIDR for.
-    WrongFamily,
-    /// A ClusterIP outside the declared service CIDRs.
-    ClusterIpOutsideServiceCidrs,
-    /// A Service or EndpointSlice port outside 1..=65535.
-    BadPort,
-    /// A protocol other than TCP, UDP or SCTP.
-    UnsupportedProtocol,
-    /// Another Service already claims the same `ClusterIP:port/protocol`.
-    DuplicateFrontend,
-    /// An endpoint address outside the cluster's declared pod CIDRs.
-    EndpointOutsidePodCidrs,
-    /// An endpoint address that is not an IP address.
-    BadEndpointAddress,
-    /// An `EndpointSlice` of `addressType: FQDN`.
-    FqdnEndpoints,
-    /// The cluster's `serviceSelector` cannot be evaluated (unknown
-    /// operator): nothing of that cluster is proxied.
-    BadSelector,
-}
-
-impl SkipReason {
-    /// CamelCase, for logs and conditions.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::Headless => "Headless",
-            SkipReason::ExternalName => "ExternalName",
-            SkipReason::NoPorts => "NoPorts",
-            SkipReason::NoClusterIp => "NoClusterIP",
-            SkipReason::BadClusterIp => "BadClusterIP",
-            SkipReason::WrongFamily => "WrongFamily",
-            SkipReason::ClusterIpOutsideServiceCidrs => "ClusterIPOutsideServiceCIDRs",
-            SkipReason::BadPort => "BadPort",
-            SkipReason::UnsupportedProtocol => "UnsupportedProtocol",
-            SkipReason::DuplicateFrontend => "DuplicateFrontend",
-            SkipReason::EndpointOutsidePodCidrs => "EndpointOutsidePodCIDRs",
-            SkipReason::BadEndpointAddress => "BadEndpointAddress",
-            SkipReason::FqdnEndpoints => "FQDNEndpoints",
-            SkipReason::BadSelector => "BadSelector",
-        }
-    }
-}
-
-impl fmt::Display for SkipReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Something left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Skipped {
-    pub cluster: String,
-    pub namespace: String,
-    /// Service name (empty for a cluster-wide skip such as a bad selector).
-    pub name: String,
-    pub reason: SkipReason,
-    /// What exactly: the address, port or expression concerned.
-    pub detail: String,
-}
-
-impl fmt::Display for Skipped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cluster {} service {}/{}: {} ({})",
-            self.cluster, self.namespace, self.name, self.reason, self.detail
-        )
-    }
-}
-
 /// The desired proxy: what the nftables driver programs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyState {
@@ -246,317 +101,88 @@ pub struct RemoteServices<'a> {
     pub namespaces: &'a NamespaceLabels,
 }
 
-/// Labels of a cluster's namespaces, by namespace name.
-pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
-
-/// Whether `labels` satisfy `selector`; `Err` names an expression that
-/// cannot be evaluated. An empty selector matches everything.
-pub fn selector_matches(
-    selector: &LabelSelector,
-    labels: &BTreeMap<String, String>,
-) -> Result<bool, String> {
-    for (k, v) in selector.match_labels.iter().flatten() {
-        if labels.get(k) != Some(v) {
-            return Ok(false);
+impl<'a> RemoteServices<'a> {
+    /// The catalog input of this cluster.
+    pub fn catalog_input(&self) -> ClusterServices<'a> {
+        ClusterServices {
+            cluster: &self.cluster.name,
+            pod_cidrs: &self.cluster.pod_cidrs,
+            service_cidrs: &self.cluster.service_cidrs,
+            selector: self.selector,
+            services: self.services.clone(),
+            slices: self.slices.clone(),
+            namespaces: self.namespaces,
         }
     }
-    for req in selector.match_expressions.iter().flatten() {
-        let values = req.values.as_deref().unwrap_or_default();
-        let value = labels.get(&req.key);
-        let ok = match req.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            other => return Err(format!("key {:?}: unknown operator {other:?}", req.key)),
-        };
-        if !ok {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
-/// Whether a Service in `namespace` with `labels` is exported by `sel`
-/// (the proxy and DNS both ask). The namespace's labels come from
-/// `namespaces`; its `kubernetes.io/metadata.name` label is always there,
-/// as the API server sets it, so selecting by name works before the
-/// Namespace watch has synced.
-pub fn selected(
-    sel: Option<&ServiceSelector>,
-    namespace: &str,
-    namespaces: &NamespaceLabels,
-    labels: &BTreeMap<String, String>,
-) -> Result<bool, String> {
-    let Some(sel) = sel else { return Ok(true) };
-    if let Some(ns) = &sel.namespace_selector {
-        let mut ns_labels = namespaces.get(namespace).cloned().unwrap_or_default();
-        ns_labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
-        if !selector_matches(ns, &ns_labels).map_err(|e| format!("namespaceSelector: {e}"))? {
-            return Ok(false);
-        }
-    }
-    match &sel.selector {
-        Some(s) => selector_matches(s, labels).map_err(|e| format!("selector: {e}")),
-        None => Ok(true),
-    }
-}
-
-fn port_number(p: Option<i32>) -> Option<u16> {
-    p.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
-}
-
-/// Collects results and skips of one cluster.
-struct Out<'a> {
-    cluster: &'a AcceptedCluster,
-    services: Vec<ProxiedService>,
-    skipped: BTreeSet<Skipped>,
-}
-
-impl Out<'_> {
-    fn skip(&mut self, namespace: &str, name: &str, reason: SkipReason, detail: String) {
-        self.skipped.insert(Skipped {
-            cluster: self.cluster.name.clone(),
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            reason,
-            detail,
-        });
-    }
-}
-
-/// The frontend addresses of `svc`, or the reason it has none.
-fn cluster_ips(out: &mut Out<'_>, ns: &str, name: &str, svc: &Service) -> Vec<IpAddr> {
+fn affinity(svc: &Service) -> Affinity {
     let Some(spec) = &svc.spec else {
-        out.skip(ns, name, SkipReason::NoClusterIp, "no spec".into());
-        return vec![];
+        return Affinity::None;
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        let target = spec.external_name.clone().unwrap_or_default();
-        out.skip(ns, name, SkipReason::ExternalName, target);
-        return vec![];
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Affinity::None;
     }
-    let mut raw: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
-    if raw.is_empty() {
-        raw.extend(spec.cluster_ip.clone());
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+    Affinity::ClientIp {
+        timeout_seconds: timeout,
     }
-    raw.retain(|s| !s.is_empty());
-    if raw.iter().any(|s| s == "None") {
-        out.skip(ns, name, SkipReason::Headless, "clusterIP: None".into());
-        return vec![];
-    }
-    if raw.is_empty() {
-        out.skip(ns, name, SkipReason::NoClusterIp, String::new());
-        return vec![];
-    }
-    if spec.ports.as_ref().is_none_or(Vec::is_empty) {
-        out.skip(ns, name, SkipReason::NoPorts, String::new());
-        return vec![];
-    }
-    let mut ips = Vec::new();
-    for s in raw {
-        let Ok(ip) = s.parse::<IpAddr>() else {
-            out.skip(ns, name, SkipReason::BadClusterIp, s);
-            continue;
-        };
-        let cidrs = &out.cluster.service_cidrs;
-        if !cidrs.iter().any(|c| c.addr().is_ipv4() == ip.is_ipv4()) {
-            out.skip(ns, name, SkipReason::WrongFamily, ip.to_string());
-        } else if !cidrs.iter().any(|c| c.contains(&ip)) {
-            out.skip(
-                ns,
-                name,
-                SkipReason::ClusterIpOutsideServiceCidrs,
-                ip.to_string(),
-            );
-        } else {
-            ips.push(ip);
-        }
-    }
-    ips
 }
 
 /// Ready targets of one Service port for frontends of family `v4`.
-fn targets(
-    out: &mut Out<'_>,
-    ns: &str,
-    name: &str,
-    port: &ServicePort,
-    protocol: Protocol,
-    v4: bool,
-    slices: &[&EndpointSlice],
-) -> Vec<SocketAddr> {
-    let wanted_name = port.name.as_deref().unwrap_or("");
-    let mut targets = Vec::new();
-    for slice in slices {
-        let family_ok = match slice.address_type.as_str() {
-            "IPv4" => v4,
-            "IPv6" => !v4,
-            "FQDN" => {
-                let slice_name = slice.metadata.name.clone().unwrap_or_default();
-                out.skip(ns, name, SkipReason::FqdnEndpoints, slice_name);
-                false
-            }
-            _ => false,
-        };
-        if !family_ok {
-            continue;
-        }
-        let matching = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == wanted_name
-                && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
-        });
-        let Some(slice_port) = matching else { continue };
-        let Some(target_port) = port_number(slice_port.port) else {
-            out.skip(
-                ns,
-                name,
-                SkipReason::BadPort,
-                format!("EndpointSlice port {wanted_name:?}: {:?}", slice_port.port),
-            );
-            continue;
-        };
-        for ep in &slice.endpoints {
-            let cond = ep.conditions.clone().unwrap_or_default();
-            if cond.ready == Some(false) || cond.terminating == Some(true) {
-                continue;
-            }
-            let Some(addr) = ep.addresses.first() else {
-                continue;
-            };
-            let Ok(ip) = addr.parse::<IpAddr>() else {
-                out.skip(ns, name, SkipReason::BadEndpointAddress, addr.clone());
-                continue;
-            };
-            if ip.is_ipv4() != v4 {
-                out.skip(ns, name, SkipReason::BadEndpointAddress, addr.clone());
-                continue;
-            }
-            if !out.cluster.pod_cidrs.iter().any(|c| c.contains(&ip)) {
-                out.skip(
-                    ns,
-                    name,
-                    SkipReason::EndpointOutsidePodCidrs,
-                    ip.to_string(),
-                );
-                continue;
-            }
-            targets.push(SocketAddr::new(ip, target_port));
-        }
-    }
+fn targets(e: &Exported<'_>, port: &Port, v4: bool) -> Vec<SocketAddr> {
+    let mut targets: Vec<SocketAddr> = e
+        .slices
+        .iter()
+        .filter(|s| s.v4 == v4)
+        .filter_map(|s| s.target_port(&port.name, port.protocol).map(|tp| (s, tp)))
+        .flat_map(|(s, tp)| s.endpoints.iter().map(move |ep| SocketAddr::new(ep.ip, tp)))
+        .collect();
     targets.sort();
     targets.dedup();
     targets
 }
 
 fn one_cluster(remote: &RemoteServices<'_>) -> (Vec<ProxiedService>, BTreeSet<Skipped>, usize) {
-    let mut out = Out {
-        cluster: remote.cluster,
-        services: Vec::new(),
-        skipped: BTreeSet::new(),
-    };
-    let mut not_selected = 0;
-    let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &remote.slices {
-        let (Some(ns), Some(svc)) = (
-            slice.metadata.namespace.as_deref(),
-            slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL)),
-        ) else {
-            continue;
-        };
-        by_service
-            .entry((ns, svc.as_str()))
-            .or_default()
-            .push(slice);
-    }
-    let mut services: Vec<&Service> = remote.services.clone();
-    services.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    for svc in services {
-        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-        let Some(name) = svc.metadata.name.as_deref() else {
-            continue;
-        };
-        let labels = svc.metadata.labels.clone().unwrap_or_default();
-        match selected(remote.selector, ns, remote.namespaces, &labels) {
-            Ok(true) => {}
-            Ok(false) => {
-                not_selected += 1;
-                continue;
-            }
-            Err(e) => {
-                // The selector is the same for the whole cluster: one
-                // record, nothing of the cluster exported.
-                out.skip("", "", SkipReason::BadSelector, e);
-                return (vec![], out.skipped, 0);
-            }
-        }
-        let ips = cluster_ips(&mut out, ns, name, svc);
-        if ips.is_empty() {
-            continue;
-        }
-        let spec = svc.spec.clone().unwrap_or_default();
-        let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
-            let timeout = spec
-                .session_affinity_config
-                .and_then(|c| c.client_ip)
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .filter(|t| *t > 0)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
-            Affinity::ClientIp {
-                timeout_seconds: timeout,
-            }
-        } else {
-            Affinity::None
-        };
-        let slices = by_service.get(&(ns, name)).cloned().unwrap_or_default();
-        let mut ports: Vec<&ServicePort> = spec.ports.iter().flatten().collect();
-        ports.sort_by(|a, b| (&a.name, a.port, &a.protocol).cmp(&(&b.name, b.port, &b.protocol)));
-        for port in ports {
-            let port_name = port.name.clone().unwrap_or_default();
-            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                out.skip(
-                    ns,
-                    name,
-                    SkipReason::UnsupportedProtocol,
-                    format!("port {port_name:?}: {:?}", port.protocol),
-                );
-                continue;
-            };
-            let Some(number) = port_number(Some(port.port)) else {
-                out.skip(
-                    ns,
-                    name,
-                    SkipReason::BadPort,
-                    format!("port {port_name:?}: {}", port.port),
-                );
-                continue;
-            };
-            for ip in &ips {
-                let endpoints = targets(&mut out, ns, name, port, protocol, ip.is_ipv4(), &slices);
-                out.services.push(ProxiedService {
-                    frontend: Frontend {
-                        ip: *ip,
-                        protocol,
-                        port: number,
-                    },
+    let input = remote.catalog_input();
+    let catalog = read_cluster(&input);
+    let mut skipped = catalog.skipped;
+    let mut services = Vec::new();
+    for e in &catalog.services {
+        match &e.shape {
+            Shape::Headless => {
+                skipped.insert(Skipped {
                     cluster: remote.cluster.name.clone(),
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                    port_name: port_name.clone(),
-                    affinity,
-                    endpoints,
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    reason: SkipReason::Headless,
+                    detail: "clusterIP: None".into(),
                 });
             }
+            Shape::ClusterIp(frontends) => {
+                let affinity = affinity(e.service);
+                for (frontend, port) in frontends {
+                    services.push(ProxiedService {
+                        frontend: *frontend,
+                        cluster: remote.cluster.name.clone(),
+                        namespace: e.namespace.clone(),
+                        name: e.name.clone(),
+                        port_name: port.name.clone(),
+                        affinity,
+                        endpoints: targets(e, port, frontend.ip.is_ipv4()),
+                    });
+                }
+            }
         }
     }
-    (out.services, out.skipped, not_selected)
+    (services, skipped, catalog.not_selected)
 }
 
 /// The desired proxy state from every accepted remote cluster's Services
@@ -620,10 +246,12 @@ pub fn desired_proxy(remotes: &[RemoteServices<'_>]) -> ProxyState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig};
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, ObjectMeta};
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+    use k8s_openapi::api::discovery::v1::Endpoint;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
     use proptest::prelude::*;
 
     fn west() -> AcceptedCluster {
@@ -638,76 +266,14 @@ mod tests {
     }
 
     fn svc(ns: &str, name: &str, ip: &str, ports: &[(&str, &str, i32)]) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: Some(ip.into()),
-                cluster_ips: Some(vec![ip.into()]),
-                type_: Some("ClusterIP".into()),
-                ports: Some(
-                    ports
-                        .iter()
-                        .map(|(n, proto, port)| ServicePort {
-                            name: Some((*n).into()),
-                            protocol: Some((*proto).into()),
-                            port: *port,
-                            target_port: Some(IntOrString::String("http".into())),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        crate::fixtures::service(ns, name, &[ip], ports)
     }
 
     fn ep(ip: &str, ready: Option<bool>, terminating: Option<bool>) -> Endpoint {
-        Endpoint {
-            addresses: vec![ip.into()],
-            conditions: Some(EndpointConditions {
-                ready,
-                serving: ready,
-                terminating,
-            }),
-            ..Default::default()
-        }
+        crate::fixtures::endpoint(&[ip], None, ready, terminating)
     }
 
-    fn slice(
-        ns: &str,
-        svc: &str,
-        name: &str,
-        family: &str,
-        ports: &[(&str, &str, i32)],
-        endpoints: Vec<Endpoint>,
-    ) -> EndpointSlice {
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
-                ..Default::default()
-            },
-            address_type: family.into(),
-            endpoints,
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(n, proto, port)| EndpointPort {
-                        name: Some((*n).into()),
-                        protocol: Some((*proto).into()),
-                        port: Some(*port),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-        }
-    }
+    use crate::fixtures::endpoint_slice as slice;
 
     fn run(
         cluster: &AcceptedCluster,

@@ -16,14 +16,19 @@
 //!
 //! Every peer's AllowedIPs are also routed into the tunnel (from the pod and,
 //! with a node namespace, from the node), so the file is checked as a
-//! routing table: no default route, no prefix of one peer overlapping
-//! another's, no peer twice, not our own key nor our own pod range. A bad file is refused as a
-//! whole: at start the agent exits, on reload (SIGHUP) it keeps what it has.
+//! routing table, by the rules core applies to a `TunnelPeer`'s pod CIDRs
+//! (`sdn_tunnel_core::cidr`): no default route, no loopback, link-local,
+//! multicast, unspecified, broadcast or IPv4-mapped range
+//! ([`sdn_tunnel_core::cidr::forbidden`]), no prefix of one peer overlapping
+//! another's ([`sdn_tunnel_core::cidr::overlapping_pairs`]), no peer twice,
+//! not our own key nor our own pod range. A bad file is refused as a whole:
+//! at start the agent exits, on reload (SIGHUP) it keeps what it has.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
+use sdn_tunnel_core::cidr::{self, Forbidden};
 use sdn_tunnel_datapath::keys::PublicKey;
 
 use crate::tunnel::TunnelPeer;
@@ -55,6 +60,12 @@ pub enum StaticPeersError {
     },
     #[error("peer {peer}: AllowedIPs {net} would route everything into the tunnel; list the remote pod and service CIDRs")]
     DefaultRoute { peer: String, net: IpNet },
+    #[error("peer {peer}: AllowedIPs {net} covers {}, which a tunnel never carries (a TunnelPeer could not route it either)", .why.describe())]
+    ReservedRange {
+        peer: String,
+        net: IpNet,
+        why: Forbidden,
+    },
     #[error("peer {peer}: AllowedIPs {net} overlaps {other} of peer {other_peer}")]
     Overlap {
         peer: String,
@@ -129,8 +140,18 @@ pub fn parse(text: &str, keepalive: Option<u16>) -> Result<Vec<TunnelPeer>, Stat
                 PeerOp::AllowedIp { net, remove: false } => {
                     // `wg` accepts host bits and clears them; so do we.
                     let net = net.trunc();
-                    if net.prefix_len() == 0 {
-                        return Err(StaticPeersError::DefaultRoute { peer: name, net });
+                    match cidr::forbidden(&net) {
+                        None => {}
+                        Some(Forbidden::DefaultRoute) => {
+                            return Err(StaticPeersError::DefaultRoute { peer: name, net })
+                        }
+                        Some(why) => {
+                            return Err(StaticPeersError::ReservedRange {
+                                peer: name,
+                                net,
+                                why,
+                            })
+                        }
                     }
                     if !allowed_ips.contains(&net) {
                         allowed_ips.push(net);
@@ -149,20 +170,15 @@ pub fn parse(text: &str, keepalive: Option<u16>) -> Result<Vec<TunnelPeer>, Stat
                 | PeerOp::AllowedIp { remove: true, .. } => {}
             }
         }
-        for net in &allowed_ips {
-            for other in &peers {
-                if let Some(o) = other
-                    .allowed_ips
-                    .iter()
-                    .find(|o| o.contains(net) || net.contains(*o))
-                {
-                    return Err(StaticPeersError::Overlap {
-                        peer: name,
-                        net: *net,
-                        other: *o,
-                        other_peer: other.public_key.to_base64(),
-                    });
-                }
+        for other in &peers {
+            if let Some((net, o)) = cidr::overlapping_pairs(&allowed_ips, &other.allowed_ips).next()
+            {
+                return Err(StaticPeersError::Overlap {
+                    peer: name,
+                    net: *net,
+                    other: *o,
+                    other_peer: other.public_key.to_base64(),
+                });
             }
         }
         allowed_ips.sort();
@@ -288,6 +304,70 @@ mod tests {
         let local = parse(&peer(&a, "AllowedIPs = 10.1.0.0/16"), None).expect("well formed");
         let err = refuse_local(&local, &own, pod_ip).unwrap_err().to_string();
         assert!(err.contains("own pod IP 10.1.0.2"), "{err}");
+    }
+
+    /// Every range `core::cidr` refuses for a TunnelPeer is refused here
+    /// too, with the same reason; a prefix merely overlapping one (a wider
+    /// block around it) is refused as well.
+    #[test]
+    fn every_reserved_range_is_refused_as_for_a_tunnel_peer() {
+        let a = key();
+        let cases: [(&str, Forbidden); 12] = [
+            ("0.0.0.0/8", Forbidden::Unspecified),
+            ("127.0.0.0/8", Forbidden::Loopback),
+            ("127.0.0.1/32", Forbidden::Loopback),
+            ("169.254.0.0/16", Forbidden::LinkLocal),
+            ("224.0.0.0/4", Forbidden::Multicast),
+            ("255.255.255.255/32", Forbidden::Broadcast),
+            ("::/128", Forbidden::Unspecified),
+            ("::1/128", Forbidden::Loopback),
+            ("fe80::/10", Forbidden::LinkLocal),
+            ("ff02::/16", Forbidden::Multicast),
+            ("::ffff:0:0/96", Forbidden::Ipv4Mapped),
+            // wider than loopback: contains it
+            ("64.0.0.0/2", Forbidden::Loopback),
+        ];
+        for (range, want) in cases {
+            let net: IpNet = range.parse().unwrap();
+            assert_eq!(
+                cidr::forbidden(&net),
+                Some(want),
+                "core's verdict on {range}"
+            );
+            let text = peer(&a, &format!("AllowedIPs = 10.245.0.0/24, {range}"));
+            let err = parse(&text, None).expect_err(range);
+            assert_eq!(
+                err,
+                StaticPeersError::ReservedRange {
+                    peer: a.to_base64(),
+                    net,
+                    why: want
+                },
+                "{range}"
+            );
+            assert!(err.to_string().contains(want.describe()), "{err}");
+        }
+        // The ranges core allows are still allowed.
+        for ok in [
+            "10.245.0.0/16",
+            "192.0.2.0/24",
+            "fd00:245::/48",
+            "100.64.0.0/10",
+        ] {
+            let text = peer(&a, &format!("AllowedIPs = {ok}"));
+            assert!(parse(&text, None).is_ok(), "{ok}");
+        }
+        // core lists ten special ranges; each one is covered above.
+        for (range, _) in cidr::special_ranges() {
+            let text = peer(&a, &format!("AllowedIPs = {range}"));
+            assert!(
+                matches!(
+                    parse(&text, None),
+                    Err(StaticPeersError::ReservedRange { .. })
+                ),
+                "{range}"
+            );
+        }
     }
 
     #[test]

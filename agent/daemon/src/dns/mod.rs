@@ -182,7 +182,7 @@ fn log_changes(old: Option<&DnsRecords>, new: &DnsRecords) {
     }
     for s in &new.skipped {
         if !old.is_some_and(|o| o.skipped.contains(s)) {
-            warn!(cluster = %s.cluster, object = %s.object, reason = %s.reason, "skipped in DNS");
+            warn!(cluster = %s.cluster, namespace = %s.namespace, service = %s.name, reason = %s.reason, detail = %s.detail, "skipped in DNS");
         }
     }
 }
