@@ -32,6 +32,9 @@ const HANDSHAKE_BUF: usize = 256;
 /// How often dead sessions of keepalive peers are re-armed (see
 /// [`needs_handshake_rearm`]).
 const REARM_EVERY: Duration = Duration::from_secs(5);
+/// Peer changes applied per hold of the device lock (see
+/// [`Tunnel::apply_peers`]).
+const PEERS_PER_LOCK: usize = 32;
 /// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
 pub const SESSION_DEAD_AFTER: Duration = Duration::from_secs(180);
 
@@ -167,7 +170,7 @@ impl Tunnel {
         self.rt.local_addr()
     }
 
-    /// Applies a peer diff: removes `remove`, adds or updates `upsert`
+    /// Applies a peer diff: adds or updates `upsert`, then removes `remove`
     /// (sessions of peers whose key and keepalive did not change are kept);
     /// every other peer is left alone. Returns the keys that could not be
     /// configured, with the reason.
@@ -178,15 +181,14 @@ impl Tunnel {
     ) -> Vec<(PublicKey, String)> {
         let mut failed = Vec::new();
         let mut handshakes = Vec::new();
-        {
+        // The device lock is taken per chunk, not for the whole diff: the
+        // data path's threads get it between chunks, so a thousand new
+        // peers (a Tunn each, an allowed-IPs update each) never stall the
+        // packets of the others for long.
+        let mut out = [0u8; HANDSHAKE_BUF];
+        for chunk in upsert.chunks(PEERS_PER_LOCK) {
             let mut device = lock(self.rt.device());
-            for k in remove {
-                if device.remove_peer(k) {
-                    debug!(peer = %k.to_base64(), "peer removed");
-                }
-            }
-            let mut out = [0u8; HANDSHAKE_BUF];
-            for p in upsert {
+            for p in chunk {
                 let mut cfg = PeerConfig::new(p.public_key);
                 cfg.endpoint = p.endpoint;
                 cfg.allowed_ips = p.allowed_ips.clone();
@@ -206,6 +208,16 @@ impl Tunnel {
                         }
                     }
                     Err(e) => failed.push((p.public_key, e.to_string())),
+                }
+            }
+        }
+        // Removals last: a prefix that moves from a removed peer to a new
+        // one (a node's key replaced) is held by one of them throughout.
+        for chunk in remove.chunks(PEERS_PER_LOCK) {
+            let mut device = lock(self.rt.device());
+            for k in chunk {
+                if device.remove_peer(k) {
+                    debug!(peer = %k.to_base64(), "peer removed");
                 }
             }
         }
