@@ -13,14 +13,14 @@
 //!   and why the others are refused.
 //! - [`desired`]: WireGuard peers and routes to install, and a keyed diff.
 //! - [`status`]: peer states, conditions and counters to report.
-//! - [`mod@evaluate`]: all of the above in one call from a [`World`] snapshot.
+//! - [`engine`]: the agent's state machine: events in, one plan out (what
+//!   runs; see docs/ARCHITECTURE.md).
 
 pub mod catalog;
 pub mod cidr;
 pub mod desired;
 pub mod dns;
 pub mod engine;
-pub mod evaluate;
 pub mod mesh;
 pub mod services;
 pub mod status;
@@ -29,7 +29,6 @@ pub use desired::{
     desired_state, diff, DesiredError, DesiredPeer, DesiredRoute, DesiredState, Diff, RouteKind,
     Snapshot,
 };
-pub use evaluate::{evaluate, EvaluateError, Evaluation, World};
 pub use mesh::{
     validate_mesh, AcceptedCluster, AcceptedPeer, LocalCluster, Mesh, MeshError, ObjectKind,
     ObjectRef, Refusal, RefusalReason, SourcedPeer,
