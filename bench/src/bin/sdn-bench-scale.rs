@@ -759,6 +759,16 @@ fn default_agent() -> Result<PathBuf> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Dropping `run` on a signal drops its lab, whose Drop tears it down.
+    tokio::select! {
+        r = run(args) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted: lab removed"),
+        _ = term.recv() => bail!("terminated: lab removed"),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
     if args.answering_one_in == 0 {
         bail!("--answering-one-in must be at least 1");
     }
