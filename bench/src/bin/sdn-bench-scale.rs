@@ -54,7 +54,7 @@ use kube::{Api, Client};
 use sdn_tunnel_api::{TunnelPeer, TunnelPeerSpec};
 use sdn_tunnel_datapath::keys::{PrivateKey, PublicKey};
 use sdn_tunnel_e2e::daemonset::{http_get, start_agents_from_daemonset_running};
-use sdn_tunnel_e2e::{apply_yaml, install, repo_root, wait_mesh_connected, NAMESPACE};
+use sdn_tunnel_e2e::{apply_yaml, install, repo_root, wait_mesh_connected_or_dump, NAMESPACE};
 use sdn_tunnel_lab::{Identity, Lab, LabConfig, Pod, POD_BULK_PORT, POD_SERVER_PORT};
 
 #[derive(Debug, Parser)]
@@ -504,20 +504,7 @@ impl AgentProbe {
 
 /// A tracing line at WARN (with or without ANSI colours).
 fn is_warn(line: &str) -> bool {
-    let mut plain = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain.split_whitespace().nth(1) == Some("WARN")
+    sdn_tunnel_e2e::strip_ansi(line).split_whitespace().nth(1) == Some("WARN")
 }
 
 /// A kube-apiserver's `/metrics` text.
@@ -796,17 +783,8 @@ async fn run(args: Args) -> Result<()> {
         apply_yaml(&lab.client(&c, Identity::Admin).await?, &daemonset).await?;
     }
     let agents = start_agents_from_daemonset_running(&mut lab, &agent_bin).await?;
-    if let Err(e) = wait_mesh_connected(&lab, Duration::from_secs(120)).await {
-        for (_, p) in &agents {
-            eprintln!(
-                "--- {}/{}:\n{}",
-                p.cluster,
-                p.name,
-                std::fs::read_to_string(lab.pod_log(&p.cluster, &p.name)).unwrap_or_default()
-            );
-        }
-        return Err(e);
-    }
+    let pods: Vec<Pod> = agents.iter().map(|(_, p)| p.clone()).collect();
+    wait_mesh_connected_or_dump(&lab, &pods, Duration::from_secs(120)).await?;
     println!(
         "lab up, mesh connected after {:.1} s",
         started.elapsed().as_secs_f64()
