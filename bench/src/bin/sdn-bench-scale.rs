@@ -1043,3 +1043,59 @@ async fn run(args: Args) -> Result<()> {
     drop(lab);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_cidrs_are_distinct_28s_inside_west_outside_its_nodes() {
+        let west: ipnet::Ipv4Net = "10.2.0.0/16".parse().unwrap_or_else(|e| panic!("{e}"));
+        let nodes: ipnet::Ipv4Net = "10.2.0.0/20".parse().unwrap_or_else(|e| panic!("{e}"));
+        let mut seen = std::collections::BTreeSet::new();
+        for slot in 0..SIM_SLOTS {
+            let c: ipnet::Ipv4Net = sim_cidr(slot).parse().unwrap_or_else(|e| panic!("{e}"));
+            assert!(west.contains(&c) && !nodes.contains(&c), "{c}");
+            assert!(seen.insert(c), "{c} twice");
+        }
+        assert_eq!(sim_cidr(SIM_SLOTS), sim_cidr(0));
+    }
+
+    #[test]
+    fn status_writes_count_only_sdntunnel_status_writes() {
+        let m = r#"# HELP apiserver_request_total x
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="sdntunnel.io",resource="tunnelpeers",scope="resource",subresource="status",verb="APPLY",version="v1alpha1"} 12
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="sdntunnel.io",resource="tunnelclusters",scope="resource",subresource="status",verb="PATCH",version="v1alpha1"} 3
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="sdntunnel.io",resource="tunnelpeers",scope="resource",subresource="status",verb="GET",version="v1alpha1"} 100
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="sdntunnel.io",resource="tunnelpeers",scope="resource",subresource="",verb="APPLY",version="v1alpha1"} 7
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="status",verb="UPDATE",version="v1"} 9
+"#;
+        assert_eq!(status_writes(m), 15.0);
+    }
+
+    #[test]
+    fn watches_read_from_the_gauge_this_apiserver_has() {
+        let m = r#"apiserver_longrunning_gauge{component="apiserver",group="sdntunnel.io",resource="tunnelpeers",scope="cluster",subresource="",verb="WATCH",version="v1alpha1"} 50
+apiserver_longrunning_gauge{component="apiserver",group="sdntunnel.io",resource="tunnelpeers",scope="namespace",subresource="",verb="WATCH",version="v1alpha1"} 3
+apiserver_longrunning_gauge{component="apiserver",group="",resource="pods",scope="cluster",subresource="",verb="WATCH",version="v1"} 4
+"#;
+        assert_eq!(
+            tunnelpeer_watches(m),
+            Some(("apiserver_longrunning_gauge".to_string(), 53.0))
+        );
+        assert_eq!(tunnelpeer_watches("apiserver_request_total{} 1\n"), None);
+    }
+
+    #[test]
+    fn warn_lines_are_recognised_with_and_without_colours() {
+        assert!(is_warn(
+            "2026-12-03T13:00:00.000000Z  WARN boringtun::noise: HANDSHAKE(REKEY_TIMEOUT)"
+        ));
+        assert!(is_warn(
+            "\u{1b}[2m2026-12-03T13:00:00Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x: y"
+        ));
+        assert!(!is_warn(
+            "2026-12-03T13:00:00Z  INFO x: WARN in the message"
+        ));
+    }
+}
