@@ -48,3 +48,12 @@ bench:
 bench-services:
 	cargo build --release -p sdn-tunnel-bench --bin sdn-bench-services
 	./target/release/sdn-bench-services $(ARGS)
+
+# The control-loop scale benchmark (issue 13; not part of `make test`; needs
+# root: it brings up its own lab, scale70, underlay 10.70/16). One release
+# agent against 10/100/1000 remote TunnelPeers; ARGS="--quick" for short
+# windows, ARGS="--sizes 10,100 --agent <path>" to choose.
+.PHONY: bench-scale
+bench-scale:
+	cargo build --release -p sdn-tunnel-agent --bin tunnel-agent -p sdn-tunnel-lab --bin lab -p sdn-tunnel-bench --bin sdn-bench-scale
+	./target/release/sdn-bench-scale $(ARGS)

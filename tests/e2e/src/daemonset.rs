@@ -243,11 +243,21 @@ fn template_launches(
 /// the DaemonSet's ServiceAccount (the lab's stand-in for the in-cluster
 /// config: a kubeconfig with that token and the apiserver's URL).
 pub async fn start_agents_from_daemonset(lab: &mut Lab) -> Result<Vec<(AgentLaunch, Pod)>> {
+    let agent = workspace_binary("tunnel-agent")?;
+    start_agents_from_daemonset_running(lab, &agent).await
+}
+
+/// [`start_agents_from_daemonset`] with another `tunnel-agent` binary
+/// (a release build, or one under comparison: the benchmarks use it).
+pub async fn start_agents_from_daemonset_running(
+    lab: &mut Lab,
+    agent: &Path,
+) -> Result<Vec<(AgentLaunch, Pod)>> {
     let mut launches = Vec::new();
     for cluster in lab.config().clusters.clone() {
         launches.extend(agent_launches(lab, &cluster).await?);
     }
-    start_launches(lab, launches, |node| format!("{AGENT_POD}-{node}")).await
+    start_launches(lab, launches, agent, |node| format!("{AGENT_POD}-{node}")).await
 }
 
 /// Starts one replica of the installed DNS Deployment (`tunnel-agent dns`)
@@ -258,15 +268,16 @@ pub async fn start_dns_from_deployment(lab: &mut Lab) -> Result<Vec<(AgentLaunch
     for cluster in lab.config().clusters.clone() {
         launches.push(dns_launch(lab, &cluster).await?);
     }
-    start_launches(lab, launches, |_| DNS_DEPLOYMENT.to_string()).await
+    let agent = workspace_binary("tunnel-agent")?;
+    start_launches(lab, launches, &agent, |_| DNS_DEPLOYMENT.to_string()).await
 }
 
 async fn start_launches(
     lab: &mut Lab,
     launches: Vec<AgentLaunch>,
+    agent: &Path,
     pod_name: impl Fn(u8) -> String,
 ) -> Result<Vec<(AgentLaunch, Pod)>> {
-    let agent = workspace_binary("tunnel-agent")?;
     let mut tokens = BTreeMap::new();
     let mut pods = Vec::new();
     for l in launches {
@@ -290,7 +301,7 @@ async fn start_launches(
             &l.cluster,
             node.index,
             &pod_name(node.index),
-            &agent,
+            agent,
             &l.args,
             &env,
         )?;

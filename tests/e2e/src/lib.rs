@@ -290,6 +290,25 @@ pub fn start_agent(
     lab.add_pod_running(cluster, node.index, &name, &agent, &args, &env)
 }
 
+/// `text` without terminal colour codes (CSI sequences: ESC [ params
+/// final-byte), as the agents' tracing writes them to their logs.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Prints the logs of `pods` to stderr: what a failed check shows.
 pub fn dump_logs(lab: &Lab, pods: &[Pod]) {
     for p in pods {

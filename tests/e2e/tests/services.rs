@@ -218,22 +218,7 @@ fn nft_table(agent: &Pod) -> String {
 /// An agent's log without terminal colour codes.
 fn plain_log(path: &std::path::Path) -> String {
     let raw = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&raw);
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    sdn_tunnel_e2e::strip_ansi(&String::from_utf8_lossy(&raw))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
