@@ -55,13 +55,15 @@ fn in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The v1 cgroup hierarchies mounted on this machine (mount points).
+/// The cgroup hierarchies mounted on this machine (mount points): every
+/// v1 hierarchy, and the v2 one of a hybrid layout (`unified`, where runc
+/// makes the containers' cgroups too).
 pub fn cgroup_hierarchies() -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup")
+            matches!(right.split_whitespace().next()?, "cgroup" | "cgroup2")
                 .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
         })
         .collect()
