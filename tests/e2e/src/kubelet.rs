@@ -154,13 +154,14 @@ pub fn web_yaml(cluster: &str) -> String {
     out
 }
 
-/// A pod on `node` asking `target` over TCP every 100 ms for `seconds`
-/// (`lab probe`; its log ends with `longest-gap-ms <n>`).
+/// A pod on `node` asking `target` over TCP every 100 ms for at most
+/// `seconds`, until an outage is over (`lab probe --until-recovered`; its
+/// log ends with `longest-gap-ms <n>`; it fails if traffic did not come back).
 pub fn probe_yaml(name: &str, node: &str, target: &str, seconds: u64) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node}\n  \
          restartPolicy: Never\n  containers:\n  - name: probe\n    image: {}\n    imagePullPolicy: Never\n    \
-         args: [probe, --interval-ms, \"100\", --duration-s, \"{seconds}\", \"{target}\"]\n",
+         args: [probe, --until-recovered, --interval-ms, \"100\", --duration-s, \"{seconds}\", \"{target}\"]\n",
         tools_image()
     )
 }

@@ -50,8 +50,6 @@ async fn real_kubelets_run_the_installed_mesh() {
         let diag = diagnostics(&lab).await;
         panic!("{e:#}\n\n{diag}");
     }
-    let rss = lab_rss_mib();
-    println!("lab memory at the end: {rss} MiB RSS (every process of the lab's namespaces)");
     let report = lab.down().unwrap();
     assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
     println!(
@@ -211,6 +209,10 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         }
     }
     println!("pod↔pod TCP/UDP both ways, remote ClusterIPs and local ones (kube-proxy) answer");
+    println!(
+        "lab memory, everything running: {} MiB RSS (every process of the lab's namespaces and node cgroups)",
+        lab_rss_mib()
+    );
     for (node, netns) in node_netns(lab) {
         let rules = in_netns(&netns, &["iptables-save", "-t", "nat"])?;
         ensure!(
@@ -330,7 +332,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         lab,
         "east",
         &["apply", "-f", "-"],
-        Some(&probe_yaml("probe-delete", "east-node-1", &target, 40)),
+        Some(&probe_yaml("probe-delete", "east-node-1", &target, 180)),
     )?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let t0 = Instant::now();
@@ -376,7 +378,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
     );
     wait_mesh_connected(lab, Duration::from_secs(60)).await?;
     ensure!(
-        wait_finished(lab, "east", "probe-delete", Duration::from_secs(90)).await? == "Succeeded",
+        wait_finished(lab, "east", "probe-delete", Duration::from_secs(200)).await? == "Succeeded",
         "probe-delete failed"
     );
     let (gap, failed) = probe_result(&kubectl(lab, "east", &["logs", "probe-delete"])?)?;
@@ -393,7 +395,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         lab,
         "east",
         &["apply", "-f", "-"],
-        Some(&probe_yaml("probe-rollout", "east-node-1", &target, 90)),
+        Some(&probe_yaml("probe-rollout", "east-node-1", &target, 240)),
     )?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let t0 = Instant::now();
@@ -418,7 +420,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
             "rollout",
             "status",
             "daemonset/tunnel-agent",
-            "--timeout=180s",
+            "--timeout=300s",
         ],
     )?;
     println!(
@@ -436,7 +438,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
     }
     wait_mesh_connected(lab, Duration::from_secs(60)).await?;
     ensure!(
-        wait_finished(lab, "east", "probe-rollout", Duration::from_secs(120)).await? == "Succeeded",
+        wait_finished(lab, "east", "probe-rollout", Duration::from_secs(260)).await? == "Succeeded",
         "probe-rollout failed"
     );
     let (gap, failed) = probe_result(&kubectl(lab, "east", &["logs", "probe-rollout"])?)?;

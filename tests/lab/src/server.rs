@@ -186,19 +186,24 @@ pub fn udp_ask(addr: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
 }
 
-/// Asks `addr` over TCP every `interval` for `duration`, printing one line
-/// per answer or failure (`ok <ms since start> <answer>` / `fail <ms>
-/// <error>`), then `longest-gap-ms <n>`: the longest time between two
-/// answers. What `lab probe` runs in a real pod during a disruption.
+/// Asks `addr` over TCP every `interval` for at most `duration`, printing
+/// one line per answer or failure (`ok <ms since start> <answer>` / `fail
+/// <ms> <error>`), then `longest-gap-ms <n>` (the longest time between two
+/// answers) and `outages <n>`. With `until_recovered`, it stops early once
+/// an outage is over (20 answers in a row after a failure). Fails when the
+/// last probes failed (traffic did not come back in time). What `lab probe`
+/// runs in a real pod during a disruption.
 pub fn probe(
     addr: SocketAddr,
     interval: Duration,
     duration: Duration,
+    until_recovered: bool,
     out: &mut impl Write,
 ) -> Result<Duration> {
     let started = Instant::now();
     let mut last_ok: Option<Instant> = None;
     let mut longest = Duration::ZERO;
+    let (mut failing, mut outages, mut in_a_row) = (false, 0u32, 0u32);
     while started.elapsed() < duration {
         let tick = Instant::now();
         let ms = started.elapsed().as_millis();
@@ -208,20 +213,39 @@ pub fn probe(
                 if let Some(prev) = last_ok {
                     longest = longest.max(now - prev);
                 }
+                if failing {
+                    outages += 1;
+                    failing = false;
+                    in_a_row = 0;
+                }
+                in_a_row += 1;
                 last_ok = Some(now);
                 writeln!(out, "ok {ms} {a}")?;
+                if until_recovered && outages > 0 && in_a_row >= 20 {
+                    break;
+                }
             }
-            Err(e) => writeln!(out, "fail {ms} {e:#}")?,
+            Err(e) => {
+                failing = true;
+                writeln!(out, "fail {ms} {e:#}")?;
+            }
         }
         out.flush()?;
         if let Some(rest) = interval.checked_sub(tick.elapsed()) {
             std::thread::sleep(rest);
         }
     }
-    if last_ok.is_none() {
-        anyhow::bail!("no answer from {addr} in {duration:?}");
+    let Some(last) = last_ok else {
+        bail!("no answer from {addr} in {duration:?}");
+    };
+    if failing {
+        bail!(
+            "{addr} stopped answering {} ms before the end of the probe",
+            last.elapsed().as_millis()
+        );
     }
     writeln!(out, "longest-gap-ms {}", longest.as_millis())?;
+    writeln!(out, "outages {outages}")?;
     Ok(longest)
 }
 

@@ -143,6 +143,9 @@ enum Command {
         interval_ms: u64,
         #[arg(long, default_value_t = 60)]
         duration_s: u64,
+        /// Stop once an outage is over (20 answers in a row after a failure).
+        #[arg(long)]
+        until_recovered: bool,
         addr: std::net::SocketAddr,
     },
     /// Run the pod server (used inside pod namespaces).
@@ -181,12 +184,14 @@ fn main() -> ExitCode {
         Command::Probe {
             interval_ms,
             duration_s,
+            until_recovered,
             addr,
         } => {
             let r = server::probe(
                 *addr,
                 std::time::Duration::from_millis(*interval_ms),
                 std::time::Duration::from_secs(*duration_s),
+                *until_recovered,
                 &mut std::io::stdout(),
             );
             return report(r.map(drop));
