@@ -99,6 +99,24 @@ fn in_netns(netns: &str, cmd: &[&str]) -> Result<String> {
     sdn_tunnel_lab::sys::run("ip", &all)
 }
 
+/// Starts a `lab probe` pod on east-node-1 towards `target` and gives it
+/// 5 s of answers before the disruption.
+async fn start_probe(lab: &Lab, name: &str, target: &str, seconds: u64) -> Result<()> {
+    let yaml = probe_yaml(name, "east-node-1", target, seconds);
+    kubectl_stdin(lab, "east", &["apply", "-f", "-"], Some(&yaml))?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// The longest gap and the failed probes of a finished probe pod (which
+/// fails if traffic never came back).
+async fn probe_outcome(lab: &Lab, name: &str, timeout: Duration) -> Result<(Duration, usize)> {
+    let phase = wait_finished(lab, "east", name, timeout).await?;
+    let log = kubectl(lab, "east", &["logs", name])?;
+    ensure!(phase == "Succeeded", "{name} {phase}:\n{log}");
+    probe_result(&log)
+}
+
 async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
     let clusters = lab.config().clusters.clone();
     let nodes_per_cluster = usize::from(lab.config().nodes_per_cluster);
@@ -328,13 +346,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         "{}:8080",
         web_ip[&("west".to_string(), "web-1".to_string())]
     );
-    kubectl_stdin(
-        lab,
-        "east",
-        &["apply", "-f", "-"],
-        Some(&probe_yaml("probe-delete", "east-node-1", &target, 180)),
-    )?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    start_probe(lab, "probe-delete", &target, 180).await?;
     let t0 = Instant::now();
     kubectl(
         lab,
@@ -377,11 +389,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         "key changed: {key_before} → {key_after}"
     );
     wait_mesh_connected(lab, Duration::from_secs(60)).await?;
-    ensure!(
-        wait_finished(lab, "east", "probe-delete", Duration::from_secs(200)).await? == "Succeeded",
-        "probe-delete failed"
-    );
-    let (gap, failed) = probe_result(&kubectl(lab, "east", &["logs", "probe-delete"])?)?;
+    let (gap, failed) = probe_outcome(lab, "probe-delete", Duration::from_secs(200)).await?;
     println!(
         "delete pod: longest gap {} ms ({failed} failed probes of 100 ms), same key",
         gap.as_millis()
@@ -391,13 +399,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
     // tagged anew on every node: no registry), under the same probe.
     let next = format!("{}-next", default_image());
     lab.tag_image_on_nodes(&default_image(), &next)?;
-    kubectl_stdin(
-        lab,
-        "east",
-        &["apply", "-f", "-"],
-        Some(&probe_yaml("probe-rollout", "east-node-1", &target, 240)),
-    )?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    start_probe(lab, "probe-rollout", &target, 240).await?;
     let t0 = Instant::now();
     kubectl(
         lab,
@@ -437,11 +439,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         );
     }
     wait_mesh_connected(lab, Duration::from_secs(60)).await?;
-    ensure!(
-        wait_finished(lab, "east", "probe-rollout", Duration::from_secs(260)).await? == "Succeeded",
-        "probe-rollout failed"
-    );
-    let (gap, failed) = probe_result(&kubectl(lab, "east", &["logs", "probe-rollout"])?)?;
+    let (gap, failed) = probe_outcome(lab, "probe-rollout", Duration::from_secs(260)).await?;
     println!(
         "rolling update: longest gap {} ms ({failed} failed probes of 100 ms)",
         gap.as_millis()

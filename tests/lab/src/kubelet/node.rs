@@ -128,10 +128,15 @@ pub fn write_node(
         "--cluster-domain=cluster.local".into(),
         "--node-status-update-frequency=4s".into(),
         "--serialize-image-pulls=false".into(),
-        // A shared lab machine: do not evict for its disk or memory.
-        "--eviction-hard=memory.available<50Mi,nodefs.available<1%,imagefs.available<1%".into(),
+        // A shared lab machine whose disk may be nearly full: evict (and so
+        // garbage-collect images, the pause image included, which leaves
+        // every new pod unable to start) only when it is really full.
+        "--eviction-hard=memory.available<50Mi,nodefs.available<100Mi,imagefs.available<100Mi"
+            .into(),
         "--image-gc-high-threshold=100".into(),
         "--image-gc-low-threshold=99".into(),
+        // Kept out of image garbage collection.
+        format!("--pod-infra-container-image={}", super::image::PAUSE_IMAGE),
         "--max-pods=40".into(),
         "--v=2".into(),
     ];
