@@ -57,3 +57,27 @@ bench-services:
 bench-scale:
 	cargo build --release -p sdn-tunnel-agent --bin tunnel-agent -p sdn-tunnel-lab --bin lab -p sdn-tunnel-bench --bin sdn-bench-scale
 	./target/release/sdn-bench-scale $(ARGS)
+
+# sdn-tunnel's image without Docker or a registry (scripts/build-image.sh):
+# OCI archives of localhost/sdn-tunnel:<version> and of the kubelet lab's
+# pause and tools images. PROFILE=debug packs the `cargo build` binaries.
+.PHONY: image e2e-kubelet demo-kubelet down-kubelet
+image: deps
+	bash scripts/build-image.sh
+
+# The e2e on real kubelets (tests/e2e/tests/kubelet.rs; not in `make test`
+# yet, see the README): ansible/site.yml into a two-cluster lab of real
+# nodes, then real pods, DNS, delete-pod and rolling-update gaps, uninstall.
+e2e-kubelet: deps
+	$(CARGO) build --workspace --bins
+	PROFILE=debug bash scripts/build-image.sh >/dev/null
+	$(CARGO) test -p sdn-tunnel-e2e --test kubelet -- --ignored --nocapture
+
+# `make demo` on real kubelets (slower: about 2 minutes to a Running
+# DaemonSet). Leaves the lab running: `make down-kubelet`.
+demo-kubelet: build
+	PROFILE=debug bash scripts/build-image.sh >/dev/null
+	bash scripts/demo-kubelet.sh
+
+down-kubelet:
+	@if [ -x $(LAB) ]; then $(LAB) down --name kdemo; else echo "no lab binary: nothing to remove"; fi

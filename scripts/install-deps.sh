@@ -25,4 +25,17 @@ if ! command -v ansible-playbook >/dev/null 2>&1 || ! command -v shellcheck >/de
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ansible python3-kubernetes shellcheck >/dev/null
 fi
+# The kubelet lab (LabConfig::real_nodes, `make e2e-kubelet`, `make
+# demo-kubelet`) and `make image`: containerd, runc and the CNI plugins on
+# every lab node; buildah (vfs, no registry), binutils (objcopy), a C
+# compiler with static libc (the pause image) and busybox for the images.
+kubelet_lab_pkgs=(containerd runc containernetworking-plugins buildah busybox-static binutils gcc libc6-dev)
+missing=()
+for p in "${kubelet_lab_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 echo "install-deps: lab prerequisites and kube-apiserver ready" >&2

@@ -9,6 +9,7 @@ pub mod ansible;
 pub mod checks;
 pub mod daemonset;
 pub mod dns_client;
+pub mod kubelet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

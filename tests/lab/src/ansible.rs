@@ -53,8 +53,17 @@ impl Lab {
             hosts.insert(plan.name.clone().into(), Value::Mapping(host));
         }
         let mut vars = Mapping::new();
-        vars.insert("sdn_tunnel_wait_rollout".into(), false.into());
-        vars.insert("sdn_tunnel_finalize_namespace".into(), true.into());
+        // Real nodes: kubelets roll the DaemonSet out, kube-controller-manager
+        // finalizes namespaces, and the image is the one `make image` built.
+        let real = self.config().real_nodes;
+        vars.insert("sdn_tunnel_wait_rollout".into(), real.into());
+        vars.insert("sdn_tunnel_finalize_namespace".into(), (!real).into());
+        if real {
+            vars.insert(
+                "sdn_tunnel_image".into(),
+                crate::kubelet::image::default_image().into(),
+            );
+        }
         if let Some(t) = &opts.tunctl {
             vars.insert("sdn_tunnel_tunctl".into(), path_value(t));
         }

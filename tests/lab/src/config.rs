@@ -46,6 +46,12 @@ pub struct LabConfig {
     /// MTU of every underlay link; pod links get the same (as a CNI would).
     pub underlay_mtu: u32,
     pub netem: Option<Netem>,
+    /// Real nodes: containerd, kubelet and kube-proxy on every node, and
+    /// kube-controller-manager and kube-scheduler beside every apiserver
+    /// (see [`crate::kubelet`]). Off: the process lab (nodes are network
+    /// namespaces, pods are processes the tests start).
+    #[serde(default)]
+    pub real_nodes: bool,
 }
 
 impl LabConfig {
@@ -60,6 +66,7 @@ impl LabConfig {
             underlay_octet: 99,
             underlay_mtu: 1500,
             netem: None,
+            real_nodes: false,
         }
     }
 
@@ -160,6 +167,7 @@ impl LabConfig {
                     pod_cidr: net(Ipv4Addr::new(10, i, 0, 0), 16),
                     service_cidr: net(Ipv4Addr::new(10, 100 + i, 0, 0), 16),
                     nodes,
+                    real_nodes: self.real_nodes,
                 }
             })
             .collect()
@@ -186,6 +194,9 @@ pub struct ClusterPlan {
     pub pod_cidr: Ipv4Net,
     pub service_cidr: Ipv4Net,
     pub nodes: Vec<NodePlan>,
+    /// The cluster has real kubelets ([`LabConfig::real_nodes`]).
+    #[serde(default)]
+    pub real_nodes: bool,
 }
 
 impl ClusterPlan {

@@ -65,18 +65,24 @@ pub fn etcd_binary() -> Result<PathBuf> {
     }
 }
 
+/// The cache of `build-apiserver.sh` (and `make image`):
+/// `$SDN_TUNNEL_CACHE`, default `~/.cache/sdn-tunnel`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SDN_TUNNEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/sdn-tunnel")
+        })
+}
+
 /// Path of the kube-apiserver built by `build-apiserver.sh`:
 /// `$SDN_TUNNEL_APISERVER`, or the cached build.
 pub fn apiserver_binary() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("SDN_TUNNEL_APISERVER") {
         return Ok(PathBuf::from(p));
     }
-    let cache = std::env::var_os("SDN_TUNNEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/sdn-tunnel")
-        });
+    let cache = cache_dir();
     let missing = || {
         anyhow::anyhow!(
             "no kube-apiserver build in {}: run `bash tests/lab/build-apiserver.sh` first (about 10 minutes once)",
@@ -183,7 +189,7 @@ pub fn start_apiserver(
     binary: &Path,
 ) -> Result<ProcRecord> {
     let p = |f: PathBuf| f.to_string_lossy().into_owned();
-    let args = vec![
+    let mut args = vec![
         "--etcd-servers=http://127.0.0.1:2379".to_string(),
         format!("--advertise-address={}", cluster.apiserver_ip),
         "--bind-address=0.0.0.0".to_string(),
@@ -212,6 +218,9 @@ pub fn start_apiserver(
         "--enable-priority-and-fairness=false".to_string(),
         "--v=1".to_string(),
     ];
+    if cluster.real_nodes {
+        args = crate::kubelet::apiserver_args(args, pki);
+    }
     spawn_in_netns(
         &cluster.cp_netns,
         binary,
@@ -379,8 +388,13 @@ pub async fn bootstrap(client: &Client, cluster: &ClusterPlan) -> Result<()> {
         .patch(LAB_AGENT_CLUSTER_ROLE, &pp, &Patch::Apply(&binding))
         .await?;
 
-    for n in &cluster.nodes {
-        create_node_object(client, n).await?;
+    // Real kubelets register their Node themselves (a Node made before
+    // them, without status.capacity, crashes the 1.20 kubelet's
+    // registration); the lab then only sets their pod CIDRs.
+    if !cluster.real_nodes {
+        for n in &cluster.nodes {
+            create_node_object(client, n).await?;
+        }
     }
     Ok(())
 }

@@ -18,6 +18,7 @@
 pub mod ansible;
 pub mod config;
 pub mod controlplane;
+pub mod kubelet;
 pub mod net;
 pub mod pki;
 pub mod server;
@@ -80,6 +81,14 @@ pub struct State {
     /// etcd and kube-apiserver of every cluster, in start order.
     pub control_plane: Vec<ProcRecord>,
     pub pods: Vec<Pod>,
+    /// Real nodes ([`LabConfig::real_nodes`]): each node's init (PID 1 of
+    /// the node) and the `unshare` waiting for it.
+    #[serde(default)]
+    pub nodes: Vec<ProcRecord>,
+    /// Empty mount points the lab created on the host for the nodes'
+    /// per-machine paths (removed by teardown if still empty).
+    #[serde(default)]
+    pub host_dirs_created: Vec<PathBuf>,
 }
 
 /// A running lab. Dropping an owned lab tears it down; [`Lab::detach`]
@@ -121,6 +130,11 @@ impl Lab {
         require_root()?;
         let apiserver_bin = controlplane::apiserver_binary()?;
         controlplane::etcd_binary()?;
+        let node_bins = if cfg.real_nodes {
+            Some(kubelet::preflight()?)
+        } else {
+            None
+        };
         if let Ok(existing) = Lab::attach(&cfg.dir) {
             if existing.state.control_plane.iter().any(ProcRecord::alive) {
                 bail!(
@@ -148,6 +162,8 @@ impl Lab {
                 config: cfg.clone(),
                 control_plane: Vec::new(),
                 pods: Vec::new(),
+                nodes: Vec::new(),
+                host_dirs_created: Vec::new(),
             },
             owned: true,
         };
@@ -165,6 +181,9 @@ impl Lab {
         for cluster in &plan {
             let dir = lab.cluster_dir(&cluster.name);
             let pki = pki::ClusterPki::create(&dir.join("pki"), cluster)?;
+            if cluster.real_nodes {
+                kubelet::issue_certs(&pki, cluster)?;
+            }
             let etcd = controlplane::start_etcd(cluster, &dir)?;
             lab.state.control_plane.push(etcd);
             lab.save()?;
@@ -180,6 +199,9 @@ impl Lab {
             r?;
         }
         tracing::info!(elapsed = ?started.elapsed(), "every apiserver is ready and bootstrapped");
+        if let Some(bins) = &node_bins {
+            lab.start_real_nodes(bins).await?;
+        }
         Ok(lab)
     }
 
@@ -272,7 +294,7 @@ impl Lab {
         self.apiserver_process(cluster)?.rss_kib()
     }
 
-    fn save(&self) -> Result<()> {
+    pub(crate) fn save(&self) -> Result<()> {
         let path = state_path(&self.state.config.dir);
         let tmp = path.with_extension("json.tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(&self.state)?)?;
@@ -511,6 +533,9 @@ impl Lab {
     /// Adds a node to a running cluster: its namespace on the underlay,
     /// routes between it and the cluster's other nodes, and its Node object.
     pub async fn add_node(&mut self, cluster: &str) -> Result<NodePlan> {
+        if self.state.config.real_nodes {
+            bail!("adding nodes to a running lab is a process-lab feature (real nodes are planned at `up`)");
+        }
         let before = self.cluster(cluster)?;
         *self
             .state
@@ -764,6 +789,7 @@ pub fn teardown(cfg: &LabConfig) -> Result<TeardownReport> {
         p.stop(Duration::from_secs(10));
     }
     report.processes_stopped += alive.len();
+    report.processes_stopped += kubelet::teardown(&cfg, state.as_ref(), &mut report.leftovers);
 
     for ns in our_namespaces(&cfg, state.as_ref()) {
         // Anything still inside one of our namespaces was started by the lab

@@ -155,6 +155,28 @@ impl ClusterPki {
         Ok(pki)
     }
 
+    /// Issues a client certificate for `subject` (`/O=group/CN=user`) signed
+    /// by the cluster's CA, as `<name>.crt` and `<name>.key`; returns both
+    /// paths (certificate, key).
+    pub fn issue_client(&self, name: &str, subject: &str) -> Result<(PathBuf, PathBuf)> {
+        let p = |f: PathBuf| f.to_string_lossy().into_owned();
+        let (crt, key) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        self.issue(
+            &p(self.dir.join("openssl.cnf")),
+            &p(self.dir.join("ca.key")),
+            &p(self.ca_crt()),
+            subject,
+            "clientAuth",
+            None,
+            &key,
+            &crt,
+        )?;
+        Ok((crt, key))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn issue(
         &self,
@@ -167,7 +189,7 @@ impl ClusterPki {
         key: &Path,
         crt: &Path,
     ) -> Result<()> {
-        let csr = self.dir.join("req.csr");
+        let csr = key.with_extension("csr");
         let (key_s, crt_s, csr_s) = (
             key.to_string_lossy(),
             crt.to_string_lossy(),

@@ -152,31 +152,101 @@ pub fn bulk_upload(netns: &str, addr: SocketAddr, bytes: u64, timeout: Duration)
 /// Connects from inside network namespace `netns` to `addr` over TCP and
 /// returns what the server sent before closing.
 pub fn tcp_request(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<String> {
-    in_netns(netns, move || {
-        let mut stream = TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("TCP connect to {addr}"))?;
-        stream.set_read_timeout(Some(timeout))?;
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .with_context(|| format!("reading from {addr}"))?;
-        Ok(answer.trim_end().to_string())
-    })
+    in_netns(netns, move || tcp_ask(addr, timeout))
+}
+
+/// [`tcp_request`] from this process's own network namespace (what `lab
+/// request` runs inside a real pod).
+pub fn tcp_ask(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("TCP connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading from {addr}"))?;
+    Ok(answer.trim_end().to_string())
 }
 
 /// Sends one UDP datagram from inside `netns` to `addr` and returns the answer.
 pub fn udp_request(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<String> {
-    in_netns(netns, move || {
-        let sock = UdpSocket::bind(("0.0.0.0", 0))?;
-        sock.set_read_timeout(Some(timeout))?;
-        sock.send_to(b"hello\n", addr)
-            .with_context(|| format!("UDP send to {addr}"))?;
-        let mut buf = [0u8; 2048];
-        let (n, _) = sock
-            .recv_from(&mut buf)
-            .with_context(|| format!("UDP answer from {addr}"))?;
-        Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
-    })
+    in_netns(netns, move || udp_ask(addr, timeout))
+}
+
+/// [`udp_request`] from this process's own network namespace.
+pub fn udp_ask(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send_to(b"hello\n", addr)
+        .with_context(|| format!("UDP send to {addr}"))?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .with_context(|| format!("UDP answer from {addr}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
+}
+
+/// Asks `addr` over TCP every `interval` for at most `duration`, printing
+/// one line per answer or failure (`ok <ms since start> <answer>` / `fail
+/// <ms> <error>`), then `longest-gap-ms <n>` (the longest time between two
+/// answers) and `outages <n>`. With `until_recovered`, it stops early once
+/// an outage is over (20 answers in a row after a failure). Fails when the
+/// last probes failed (traffic did not come back in time). What `lab probe`
+/// runs in a real pod during a disruption.
+pub fn probe(
+    addr: SocketAddr,
+    interval: Duration,
+    duration: Duration,
+    until_recovered: bool,
+    out: &mut impl Write,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last_ok: Option<Instant> = None;
+    let mut longest = Duration::ZERO;
+    let (mut failing, mut outages, mut in_a_row) = (false, 0u32, 0u32);
+    while started.elapsed() < duration {
+        let tick = Instant::now();
+        let ms = started.elapsed().as_millis();
+        match tcp_ask(addr, interval.max(Duration::from_millis(100))) {
+            Ok(a) => {
+                let now = Instant::now();
+                if let Some(prev) = last_ok {
+                    longest = longest.max(now - prev);
+                }
+                if failing {
+                    outages += 1;
+                    failing = false;
+                    in_a_row = 0;
+                }
+                in_a_row += 1;
+                last_ok = Some(now);
+                writeln!(out, "ok {ms} {a}")?;
+                if until_recovered && outages > 0 && in_a_row >= 20 {
+                    break;
+                }
+            }
+            Err(e) => {
+                failing = true;
+                writeln!(out, "fail {ms} {e:#}")?;
+            }
+        }
+        out.flush()?;
+        if let Some(rest) = interval.checked_sub(tick.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    let Some(last) = last_ok else {
+        bail!("no answer from {addr} in {duration:?}");
+    };
+    if failing {
+        bail!(
+            "{addr} stopped answering {} ms before the end of the probe",
+            last.elapsed().as_millis()
+        );
+    }
+    writeln!(out, "longest-gap-ms {}", longest.as_millis())?;
+    writeln!(out, "outages {outages}")?;
+    Ok(longest)
 }
 
 /// Waits until a TCP server answers at `addr` from inside `netns`.

@@ -68,6 +68,10 @@ enum Command {
         /// runs at the same time).
         #[arg(long, default_value_t = 99)]
         underlay_octet: u8,
+        /// Real nodes: containerd, kubelet and kube-proxy on every node,
+        /// controller-manager and scheduler per cluster (needs `make image`).
+        #[arg(long)]
+        real_nodes: bool,
     },
     /// Show the clusters, their processes and pods.
     Status {
@@ -117,6 +121,33 @@ enum Command {
         #[arg(long)]
         tunctl: Option<PathBuf>,
     },
+    /// Mirror Endpoints into the discovery.k8s.io/v1 EndpointSlice shim
+    /// until stopped (the kubelet lab runs one per cluster).
+    MirrorEndpointslices {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
+    /// Ask a pod server once (TCP, or UDP with --udp) and print its answer
+    /// (used inside real pods: `kubectl exec ... -- lab request`).
+    Request {
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        addr: std::net::SocketAddr,
+    },
+    /// Ask a pod server over TCP every interval and print each result and
+    /// the longest gap between answers (a real pod's probe).
+    Probe {
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        /// Stop once an outage is over (20 answers in a row after a failure).
+        #[arg(long)]
+        until_recovered: bool,
+        addr: std::net::SocketAddr,
+    },
     /// Run the pod server (used inside pod namespaces).
     Serve {
         #[arg(long)]
@@ -135,8 +166,37 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Command::Serve { name, port } = &cli.command {
-        return report(server::serve(name, *port));
+    match &cli.command {
+        Command::Serve { name, port } => return report(server::serve(name, *port)),
+        Command::Request {
+            udp,
+            timeout_ms,
+            addr,
+        } => {
+            let t = std::time::Duration::from_millis(*timeout_ms);
+            let answer = if *udp {
+                server::udp_ask(*addr, t)
+            } else {
+                server::tcp_ask(*addr, t)
+            };
+            return report(answer.map(|a| println!("{a}")));
+        }
+        Command::Probe {
+            interval_ms,
+            duration_s,
+            until_recovered,
+            addr,
+        } => {
+            let r = server::probe(
+                *addr,
+                std::time::Duration::from_millis(*interval_ms),
+                std::time::Duration::from_secs(*duration_s),
+                *until_recovered,
+                &mut std::io::stdout(),
+            );
+            return report(r.map(drop));
+        }
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -168,6 +228,7 @@ async fn run(command: Command) -> Result<()> {
             delay_ms,
             loss,
             underlay_octet,
+            real_nodes,
         } => {
             let mut cfg = LabConfig::new(&lab.name);
             cfg.dir = lab.dir();
@@ -175,6 +236,7 @@ async fn run(command: Command) -> Result<()> {
             cfg.nodes_per_cluster = nodes;
             cfg.underlay_mtu = mtu;
             cfg.underlay_octet = underlay_octet;
+            cfg.real_nodes = real_nodes;
             if delay_ms.is_some() || loss.is_some() {
                 cfg.netem = Some(Netem {
                     delay_ms: delay_ms.unwrap_or(0),
@@ -249,7 +311,13 @@ async fn run(command: Command) -> Result<()> {
             println!("{}", lab.write_ansible_inventory(&path, &opts)?.display());
             Ok(())
         }
-        Command::Serve { .. } => unreachable!("handled before the runtime starts"),
+        Command::MirrorEndpointslices { kubeconfig } => {
+            let client = sdn_tunnel_lab::controlplane::client_from_kubeconfig(&kubeconfig).await?;
+            sdn_tunnel_lab::kubelet::mirror::run(client).await
+        }
+        Command::Serve { .. } | Command::Request { .. } | Command::Probe { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
