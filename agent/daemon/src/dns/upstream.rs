@@ -64,6 +64,16 @@ pub fn upstreams(
         path: path.clone(),
         source,
     })?;
+    // A resolv.conf without any nameserver (a node without DNS, as a
+    // kubelet hands it to the pod) is not an error: our zones are still
+    // served, other names are REFUSED (`run` says so once, at WARN).
+    // hickory refuses to parse such a file, so it is not asked.
+    let names_a_server = String::from_utf8_lossy(&text)
+        .lines()
+        .any(|l| l.trim_start().starts_with("nameserver"));
+    if !names_a_server {
+        return Ok(Vec::new());
+    }
     let (config, _) = hickory_resolver::system_conf::parse_resolv_conf(text).map_err(|e| {
         UpstreamError::Parse {
             path,
@@ -152,12 +162,13 @@ mod tests {
             explicit
         );
         assert!(upstreams(&[], &dir.path().join("nope")).is_err());
-        // A resolv.conf without any nameserver is an error, not silence.
-        std::fs::write(&path, "# nothing\n").unwrap();
-        assert!(matches!(
-            forwarder(&[], &path),
-            Err(UpstreamError::Parse { .. })
-        ));
+        // A resolv.conf without any nameserver (a kubelet's pod on a node
+        // without DNS) gives no forwarder, so the zones are still served;
+        // a broken one is an error.
+        std::fs::write(&path, "# nothing\nsearch svc.cluster.local\n").unwrap();
+        assert!(forwarder(&[], &path).unwrap().is_none());
+        std::fs::write(&path, "nameserver not-an-address\n").unwrap();
+        assert!(forwarder(&[], &path).is_err());
         // The forwarder itself builds from the explicit upstreams.
         assert!(forwarder(&explicit, &path).unwrap().is_some());
     }
