@@ -61,6 +61,25 @@ async fn real_kubelets_run_the_installed_mesh() {
 /// Resident memory of every process on the machine that lives in one of
 /// the lab's network namespaces or in the PID namespaces of its nodes
 /// (a node's containers have their own network namespaces).
+/// The WireGuard public key an east agent pod shows (`kubectl exec … wg show`).
+fn agent_public_key(lab: &Lab, pod: &str) -> Result<String> {
+    kubectl(
+        lab,
+        "east",
+        &[
+            "-n",
+            NAMESPACE,
+            "exec",
+            pod,
+            "--",
+            "wg",
+            "show",
+            "wg0",
+            "public-key",
+        ],
+    )
+}
+
 fn lab_rss_mib() -> u64 {
     let mut kib = 0;
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -319,21 +338,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         wg.contains("interface: wg0") && wg.matches("peer: ").count() == 2,
         "wg show in {a1}:\n{wg}"
     );
-    let key_before = kubectl(
-        lab,
-        "east",
-        &[
-            "-n",
-            NAMESPACE,
-            "exec",
-            &a1,
-            "--",
-            "wg",
-            "show",
-            "wg0",
-            "public-key",
-        ],
-    )?;
+    let key_before = agent_public_key(lab, &a1)?;
     let logs = kubectl(lab, "east", &["-n", NAMESPACE, "logs", &a1])?;
     ensure!(
         logs.contains("nftables table replaced"),
@@ -369,21 +374,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
         "deleted {a1}: {a1b} ready after {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let key_after = kubectl(
-        lab,
-        "east",
-        &[
-            "-n",
-            NAMESPACE,
-            "exec",
-            &a1b,
-            "--",
-            "wg",
-            "show",
-            "wg0",
-            "public-key",
-        ],
-    )?;
+    let key_after = agent_public_key(lab, &a1b)?;
     ensure!(
         key_before == key_after,
         "key changed: {key_before} → {key_after}"
