@@ -79,6 +79,19 @@ pub fn parse_recap(stdout: &str) -> BTreeMap<String, Recap> {
 
 /// Runs `ansible-playbook -i <inventory> <playbook> <extra>` from `ansible/`
 /// (so its ansible.cfg applies).
+/// `site.yml` into `lab` as a user runs it: the lab's inventory (with
+/// `tunctl` for the playbook's final `tunctl peers`), then the playbook.
+/// Returns the inventory's path and the run; the caller judges `success`.
+pub fn run_site_yml(lab: &sdn_tunnel_lab::Lab, tunctl: &Path) -> Result<(PathBuf, PlaybookRun)> {
+    let opts = sdn_tunnel_lab::InventoryOptions {
+        tunctl: Some(tunctl.to_path_buf()),
+        ..Default::default()
+    };
+    let inventory = lab.write_ansible_inventory(&lab.ansible_inventory_path(), &opts)?;
+    let run = run_playbook("site.yml", &inventory, &[])?;
+    Ok((inventory, run))
+}
+
 pub fn run_playbook(playbook: &str, inventory: &Path, extra: &[&str]) -> Result<PlaybookRun> {
     let dir = ansible_dir();
     if !dir.join(playbook).is_file() {

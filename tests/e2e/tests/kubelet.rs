@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use sdn_tunnel_e2e::ansible::run_playbook;
+use sdn_tunnel_e2e::ansible::{run_playbook, run_site_yml};
 use sdn_tunnel_e2e::checks::{check_inventory_installed, leftovers, read_inventory};
 use sdn_tunnel_e2e::kubelet::{
     diagnostics, dns_client_yaml, kubectl, kubectl_stdin, nslookup_addresses, pod_ready, pods,
@@ -27,7 +27,7 @@ use sdn_tunnel_e2e::kubelet::{
 };
 use sdn_tunnel_e2e::{wait_mesh_connected, workspace_binary, NAMESPACE};
 use sdn_tunnel_lab::kubelet::image::default_image;
-use sdn_tunnel_lab::{Identity, InventoryOptions, Lab, LabConfig};
+use sdn_tunnel_lab::{Identity, Lab, LabConfig};
 
 const AGENTS: &str = "app.kubernetes.io/name=tunnel-agent";
 const DNS: &str = "app.kubernetes.io/name=tunnel-dns";
@@ -142,12 +142,7 @@ async fn scenario(lab: &Lab, started: Instant) -> Result<()> {
 
     // 1. The installer, as a user runs it (it waits for the rollout).
     let tunctl = workspace_binary("tunctl")?;
-    let opts = InventoryOptions {
-        tunctl: Some(tunctl.clone()),
-        ..Default::default()
-    };
-    let inventory = lab.write_ansible_inventory(&lab.ansible_inventory_path(), &opts)?;
-    let run = run_playbook("site.yml", &inventory, &[])?;
+    let (inventory, run) = run_site_yml(lab, &tunctl)?;
     ensure!(run.success, "site.yml failed:\n{}", run.output());
     println!(
         "site.yml: {:.1} s (DaemonSet and DNS Deployment rolled out); {:.1} s since the lab started",

@@ -12,14 +12,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sdn_tunnel_e2e::ansible::run_playbook;
+use sdn_tunnel_e2e::ansible::run_site_yml;
 use sdn_tunnel_e2e::daemonset::{
     resolve_a, start_agents_from_daemonset, start_dns_from_deployment,
 };
 use sdn_tunnel_e2e::{wait_mesh_connected, workspace_binary};
 use sdn_tunnel_lab::config::DEFAULT_NAME;
 use sdn_tunnel_lab::server::{tcp_request, udp_request};
-use sdn_tunnel_lab::{InventoryOptions, Lab, LabConfig, POD_SERVER_PORT};
+use sdn_tunnel_lab::{Lab, LabConfig, POD_SERVER_PORT};
 
 fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -67,12 +67,7 @@ async fn demo() -> Result<()> {
         "install sdn-tunnel into both clusters with ansible/site.yml",
     );
     let tunctl = workspace_binary("tunctl")?;
-    let opts = InventoryOptions {
-        tunctl: Some(tunctl.clone()),
-        ..Default::default()
-    };
-    let inventory = lab.write_ansible_inventory(&lab.ansible_inventory_path(), &opts)?;
-    let run = run_playbook("site.yml", &inventory, &[])?;
+    let (inventory, run) = run_site_yml(&lab, &tunctl)?;
     if !run.success {
         bail!("the playbook failed:\n{}", run.output());
     }
