@@ -284,21 +284,20 @@ impl Engine {
     pub fn handle(&mut self, event: Event) -> Plan {
         let mut plan = Plan::default();
         match event {
+            // The newest objects are kept either way (their statuses feed
+            // the status tick); only a spec change re-plans.
             Event::Declarations(d) => {
-                if !same_declarations(&d, &self.declarations) {
-                    self.declarations = d;
+                let changed = !same_declarations(&d, &self.declarations);
+                self.declarations = d;
+                if changed {
                     self.replan(&mut plan, false);
-                } else {
-                    // Keep the newest objects (statuses) for the status tick.
-                    self.declarations = d;
                 }
             }
             Event::RemotePeers(p) => {
-                if !same_peers(&p, &self.remote_peers) {
-                    self.remote_peers = p;
+                let changed = !same_peers(&p, &self.remote_peers);
+                self.remote_peers = p;
+                if changed {
                     self.replan(&mut plan, false);
-                } else {
-                    self.remote_peers = p;
                 }
             }
             Event::LocalPeer(spec) => {
